@@ -13,7 +13,7 @@ shared norm (see `norm_vjp` and `norm`), which is what keeps attribution and pat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from enum import Enum
+from dataclasses import dataclass
 
 import einops
 import torch
@@ -23,17 +23,10 @@ from transformer_lens import HookedTransformer
 from transformer_lens.components import LayerNorm, LayerNormPre
 
 from circuitdyn.graph import Graph
+from circuitdyn.registry import Registry
 from circuitdyn.tasks.base import Batch
 
 Hook = tuple[str, Callable]
-
-
-class Ablation(str, Enum):
-    """What an edge outside the circuit carries instead of its clean source activation."""
-
-    CORRUPTED = "corrupted"  # the source's activation on the corrupted twin of the prompt
-    MEAN = "mean"  # the source's mean activation over a reference set (per position or not)
-    ZERO = "zero"  # nothing
 
 
 def work_dtype(model: HookedTransformer) -> torch.dtype:
@@ -196,50 +189,83 @@ def _pad_pos(x: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]))
 
 
+def _corrupted_sources(
+    model: HookedTransformer, graph: Graph, batch: Batch, means: Tensor | None
+) -> Float[Tensor, "n_src batch pos d_model"]:
+    if batch.corrupted is None:
+        raise ValueError(
+            "corrupted ablation needs corrupted tokens: the batch has none; use a task with "
+            "corrupted prompts or ablation='mean' / 'zero'"
+        )
+    return run_sources(model, graph, batch.corrupted)
+
+
+def _zero_sources(
+    model: HookedTransformer, graph: Graph, batch: Batch, means: Tensor | None
+) -> Float[Tensor, "n_src batch pos d_model"]:
+    batch_size, pos = batch.clean.shape
+    return torch.zeros(
+        graph.n_src,
+        batch_size,
+        pos,
+        model.cfg.d_model,
+        device=batch.clean.device,
+        dtype=work_dtype(model),
+    )
+
+
+def _mean_sources(
+    model: HookedTransformer, graph: Graph, batch: Batch, means: Tensor | None
+) -> Float[Tensor, "n_src batch pos d_model"]:
+    batch_size, pos = batch.clean.shape
+    if means is None:
+        raise ValueError("mean ablation needs mean activations: pass a reference set")
+    if means.shape[0] != graph.n_src or means.shape[-1] != model.cfg.d_model:
+        raise ValueError(f"means must be [n_src, pos, d_model], got {tuple(means.shape)}")
+    if means.shape[1] == 1:
+        return means[:, None].expand(-1, batch_size, pos, -1).to(batch.clean.device).contiguous()
+    if means.shape[1] < pos:
+        raise ValueError(
+            f"per-position means cover {means.shape[1]} positions but the batch has {pos}; "
+            "use a reference set with sequences at least as long"
+        )
+    return means[:, None, :pos].expand(-1, batch_size, -1, -1).to(batch.clean.device).contiguous()
+
+
+@dataclass(frozen=True)
+class AblationRule:
+    """What an edge outside the circuit carries instead of its clean source activation:
+    ``values(model, graph, batch, means) -> [n_src, batch, pos, d_model]``. `needs_means`: the
+    rule reads mean activations (`mean_activations` over a reference set)."""
+
+    values: Callable[[HookedTransformer, Graph, Batch, Tensor | None], Tensor]
+    needs_means: bool = False
+
+
+ABLATIONS: Registry[AblationRule] = Registry("ablation")
+ABLATIONS.add(
+    "corrupted",
+    AblationRule(_corrupted_sources),
+    help="the source's activation on the corrupted twin of the prompt",
+)
+ABLATIONS.add(
+    "mean",
+    AblationRule(_mean_sources, needs_means=True),
+    help="the source's mean activation over a reference set (per position or not)",
+)
+ABLATIONS.add("zero", AblationRule(_zero_sources), help="nothing (zero)")
+
+
 def ablated_sources(
     model: HookedTransformer,
     graph: Graph,
     batch: Batch,
-    ablation: Ablation,
+    ablation: str,
     means: Float[Tensor, "n_src pos d_model"] | None = None,
 ) -> Float[Tensor, "n_src batch pos d_model"]:
-    """What each source carries when ablated, for every example and position of `batch`."""
-    batch_size, pos = batch.clean.shape
-    d_model = model.cfg.d_model
-    if ablation is Ablation.CORRUPTED:
-        if batch.corrupted is None:
-            raise ValueError(
-                "corrupted ablation needs corrupted tokens: the batch has none; use a task with "
-                "corrupted prompts or ablation='mean' / 'zero'"
-            )
-        return run_sources(model, graph, batch.corrupted)
-    if ablation is Ablation.ZERO:
-        return torch.zeros(
-            graph.n_src,
-            batch_size,
-            pos,
-            d_model,
-            device=batch.clean.device,
-            dtype=work_dtype(model),
-        )
-    if ablation is Ablation.MEAN:
-        if means is None:
-            raise ValueError("mean ablation needs mean activations: pass a reference set")
-        if means.shape[0] != graph.n_src or means.shape[-1] != d_model:
-            raise ValueError(f"means must be [n_src, pos, d_model], got {tuple(means.shape)}")
-        if means.shape[1] == 1:
-            return (
-                means[:, None].expand(-1, batch_size, pos, -1).to(batch.clean.device).contiguous()
-            )
-        if means.shape[1] < pos:
-            raise ValueError(
-                f"per-position means cover {means.shape[1]} positions but the batch has {pos}; "
-                "use a reference set with sequences at least as long"
-            )
-        return (
-            means[:, None, :pos].expand(-1, batch_size, -1, -1).to(batch.clean.device).contiguous()
-        )
-    raise ValueError(f"unknown ablation {ablation!r}")
+    """What each source carries when ablated (an `ABLATIONS` name), for every example and
+    position of `batch`."""
+    return ABLATIONS[ablation].values(model, graph, batch, means)
 
 
 def position_mask(

@@ -23,7 +23,6 @@ and a backward to the activations (no weight gradients).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from enum import Enum
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
 from circuitdyn.activations import (
-    Ablation,
+    ABLATIONS,
     Hook,
     ablated_sources,
     difference_writer,
@@ -46,17 +45,11 @@ from circuitdyn.activations import (
 )
 from circuitdyn.graph import QKV, Graph
 from circuitdyn.patching import run_patched
+from circuitdyn.registry import Registry
 from circuitdyn.scores import Scores
-from circuitdyn.tasks.base import Batch, logit_diff, take_examples
+from circuitdyn.tasks.base import Batch, Metric, check_tokens, checked_metric, logit_diff
 
-Metric = Callable[[Tensor, Batch], Tensor]
 PositionFilter = Callable[[Batch], Bool[Tensor, "batch pos"]]
-
-
-class Method(str, Enum):
-    EAP = "eap"
-    EAP_IG = "eap-ig"
-    EXACT = "exact"
 
 
 def gradient_hooks(
@@ -213,20 +206,8 @@ def _leaf_input_hook(store: dict[str, Tensor], replace_with: Tensor | None = Non
     return ("blocks.0.hook_resid_pre", hook)
 
 
-def _checked(values: Tensor, batch: Batch) -> Tensor:
-    """The metric's per-example values, after checking their shape and finiteness."""
-    if values.shape != (batch.size,):
-        raise ValueError(
-            f"the metric must return one value per example, shape ({batch.size},), got {tuple(values.shape)}"
-        )
-    if not bool(torch.isfinite(values).all()):
-        bad = (~torch.isfinite(values)).nonzero()[:, 0].tolist()
-        raise ValueError(f"the metric is NaN/inf for examples {bad[:10]} of a batch")
-    return values
-
-
 def _metric_sum(metric: Metric, logits: Tensor, batch: Batch) -> Tensor:
-    return _checked(metric(logits, batch), batch).sum()
+    return checked_metric(metric(logits, batch), batch).sum()
 
 
 def attribute(
@@ -235,8 +216,8 @@ def attribute(
     data: Iterable[Batch],
     metric: Metric = logit_diff,
     *,
-    method: Method | str = Method.EAP,
-    ablation: Ablation | str = Ablation.CORRUPTED,
+    method: str = "eap",
+    ablation: str = "corrupted",
     steps: int = 5,
     reference: Iterable[Batch] | None = None,
     per_position: bool = False,
@@ -251,8 +232,9 @@ def attribute(
         graph: `Graph.from_model(model)`.
         data: batches (`Batch`); right-padded; padded positions never contribute.
         metric: ``metric(logits, batch) -> [batch]``, larger = more of the behaviour.
-        method: ``eap``, ``eap-ig`` or ``exact``.
-        ablation: ``corrupted`` (needs ``batch.corrupted``), ``mean`` (needs `reference`) or ``zero``.
+        method: a `METHODS` name: ``eap``, ``eap-ig`` or ``exact``.
+        ablation: an `ABLATIONS` name: ``corrupted`` (needs ``batch.corrupted``), ``mean``
+            (needs `reference` or `means`) or ``zero``.
         steps: integrated-gradient steps for ``eap-ig``.
         reference: batches whose mean source activations define mean ablation.
         per_position: mean ablation per position instead of one mean over all positions.
@@ -262,39 +244,38 @@ def attribute(
 
     Returns `Scores` (float32, CPU): mean over examples of the per-example score.
     """
-    method, ablation = Method(method), Ablation(ablation)
+    score_batch = METHODS[method]
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = next(model.parameters()).device
-    if ablation is Ablation.MEAN and means is None:
+    if ABLATIONS[ablation].needs_means and means is None:
         if reference is None:
             raise ValueError(
-                "ablation='mean' needs reference=<batches> (or means=) to average over"
+                f"ablation={ablation!r} needs reference=<batches> (or means=) to average over"
             )
         means = mean_activations(model, graph, reference, per_position=per_position)
     scores = torch.zeros(graph.n_src, graph.n_dst, device=device, dtype=work_dtype(model))
     n_examples = 0
-    batches = tqdm(data, desc=f"attribute ({method.value})", disable=not progress)
+    batches = tqdm(data, desc=f"attribute ({method})", disable=not progress)
     for batch in batches:
         if not isinstance(batch, Batch):
             raise TypeError(f"data must yield circuitdyn Batch objects, got {type(batch).__name__}")
         batch = batch.to(device)
-        _check_vocab(model, batch)
+        check_tokens(batch, model.cfg.d_vocab, model.cfg.n_ctx)
         mask = position_mask(batch, None if positions is None else positions(batch))
         ablated = ablated_sources(model, graph, batch, ablation, means)
-        if method is Method.EXACT:
-            scores += _exact_batch(model, graph, batch, metric, ablated, mask, progress)
-        else:
-            scores += _gradient_batch(model, graph, batch, metric, ablated, mask, method, steps)
+        scores += score_batch(
+            model, graph, batch, metric, ablated, mask, steps=steps, progress=progress
+        )
         n_examples += batch.size
     if n_examples == 0:
         raise ValueError("attribute() got no data: the iterable of batches was empty")
     meta: dict[str, Any] = {
-        "method": method.value,
-        "ablation": ablation.value,
+        "method": method,
+        "ablation": ablation,
         "n_examples": n_examples,
-        "steps": steps if method is Method.EAP_IG else None,
-        "per_position": per_position if ablation is Ablation.MEAN else None,
+        "steps": steps if method == "eap-ig" else None,
+        "per_position": per_position if ABLATIONS[ablation].needs_means else None,
     }
     return Scores(graph, scores / n_examples, meta)
 
@@ -334,51 +315,53 @@ def eap_with_loss(
         raise ValueError(
             "eap_with_loss needs a model whose parameters require grad (it trains them)"
         )
-    values = _checked(metric(logits, batch), batch)
+    values = checked_metric(metric(logits, batch), batch)
     torch.autograd.grad(values.sum(), captured["input"], retain_graph=True)
     state["metric_pass"] = False
     return scores, logits, loss_fn(logits, batch)
 
 
-def _check_vocab(model: HookedTransformer, batch: Batch) -> None:
-    for name, tokens in (("clean", batch.clean), ("corrupted", batch.corrupted)):
-        if tokens is not None and (int(tokens.max()) >= model.cfg.d_vocab or int(tokens.min()) < 0):
-            raise ValueError(
-                f"{name} token ids must lie in [0, {model.cfg.d_vocab}) for this model's vocabulary; "
-                "was the batch made with another tokenizer?"
-            )
-    if batch.clean.shape[1] > model.cfg.n_ctx:
-        raise ValueError(
-            f"sequences of {batch.clean.shape[1]} tokens exceed the model's n_ctx={model.cfg.n_ctx}"
-        )
-
-
-def _gradient_batch(
+def _eap_batch(
     model: HookedTransformer,
     graph: Graph,
     batch: Batch,
     metric: Metric,
     ablated: Tensor,
     mask: Tensor,
-    method: Method,
+    *,
     steps: int,
+    progress: bool,
 ) -> Tensor:
-    """Summed (not averaged) EAP / EAP-IG scores of one batch."""
+    """Summed (not averaged) EAP scores of one batch: the gradient at the clean input."""
     scores = ablated.new_zeros(graph.n_src, graph.n_dst)
     delta = ablated  # becomes ablated - clean, masked, as the clean run writes each source
-    write = difference_writer(delta, mask)
-
     leaf: dict[str, Tensor] = {}
-    if method is Method.EAP:
-        hooks = [*source_hooks(model, graph, write), _leaf_input_hook(leaf)]
-        hooks += gradient_hooks(model, graph, delta, scores)
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-            logits = model(batch.clean)
-            total = _metric_sum(metric, logits, batch)
-            torch.autograd.grad(total, leaf["input"])
-        return scores
+    hooks = [*source_hooks(model, graph, difference_writer(delta, mask)), _leaf_input_hook(leaf)]
+    hooks += gradient_hooks(model, graph, delta, scores)
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(batch.clean)
+        torch.autograd.grad(_metric_sum(metric, logits, batch), leaf["input"])
+    return scores
 
-    # EAP-IG: the clean run fixes delta; each step back-propagates from an interpolated input.
+
+def _eap_ig_batch(
+    model: HookedTransformer,
+    graph: Graph,
+    batch: Batch,
+    metric: Metric,
+    ablated: Tensor,
+    mask: Tensor,
+    *,
+    steps: int,
+    progress: bool,
+) -> Tensor:
+    """Summed EAP-IG scores of one batch: the clean run fixes the differences; each of `steps`
+    passes back-propagates from an input interpolated between the ablated and the clean one."""
+    scores = ablated.new_zeros(graph.n_src, graph.n_dst)
+    delta = ablated
+    write = difference_writer(delta, mask)
+    leaf: dict[str, Tensor] = {}
+
     def write_and_keep_input(index: slice | int, value: Tensor) -> None:
         if index == 0:
             leaf["clean_input"] = value.detach().clone()
@@ -396,8 +379,7 @@ def _gradient_batch(
         hooks += gradient_hooks(model, graph, delta, scores, weight=1.0 / steps)
         with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
             logits = model(batch.clean)
-            total = _metric_sum(metric, logits, batch)
-            torch.autograd.grad(total, leaf["input"])
+            torch.autograd.grad(_metric_sum(metric, logits, batch), leaf["input"])
     return scores
 
 
@@ -408,6 +390,8 @@ def _exact_batch(
     metric: Metric,
     ablated: Tensor,
     mask: Tensor,
+    *,
+    steps: int,
     progress: bool,
 ) -> Tensor:
     """Summed exact scores of one batch: one patched forward pass per real edge."""
@@ -424,75 +408,17 @@ def _exact_batch(
     return scores
 
 
-def register_cli(subparsers) -> None:
-    """``circuitdyn attribute``: score every edge of a model on a task and save the scores."""
-    parser = subparsers.add_parser(
-        "attribute",
-        help="score every edge of a model's graph on a task (EAP, EAP-IG, exact)",
-        description="Score every edge on a task and write the scores as JSON (EAP-IG/MIB fields) "
-        "or safetensors (by the --out suffix).",
-    )
-    parser.add_argument(
-        "--model", default="default", help="'default' (embedded) or a TransformerLens name"
-    )
-    parser.add_argument(
-        "--task", default="agreement", help="task name, e.g. agreement, disagreement"
-    )
-    parser.add_argument("--data", default=None, help="data file for file-based tasks (sv-jsonl)")
-    parser.add_argument("--method", default="eap", choices=[m.value for m in Method])
-    parser.add_argument("--ablation", default="corrupted", choices=[a.value for a in Ablation])
-    parser.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (eap-ig)")
-    parser.add_argument("--split", default="dev", help="which split of the task to attribute on")
-    parser.add_argument("--n-examples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, ... (default: cuda when available)"
-    )
-    parser.add_argument("--out", required=True, help="output path: .json or .safetensors")
-    parser.set_defaults(func=_run_cli)
+BatchScorer = Callable[..., Tensor]
+"""``(model, graph, batch, metric, ablated, mask, *, steps, progress) -> [n_src, n_dst]``: the
+scores of one batch, summed over its examples; `ablated` may be overwritten."""
 
+METHODS: Registry[BatchScorer] = Registry("attribution method")
+METHODS.add("eap", _eap_batch, help="gradient at the clean input (one backward pass)")
+METHODS.add(
+    "eap-ig",
+    _eap_ig_batch,
+    help="gradient averaged over --ig-steps inputs between ablated and clean (midpoint rule)",
+)
+METHODS.add("exact", _exact_batch, help="one patched forward pass per edge (ground truth)")
 
-def _run_cli(args) -> int:
-    from circuitdyn.models import load_model
-    from circuitdyn.tasks import load_task
-
-    torch.manual_seed(args.seed)
-    model = load_model(args.model, device=args.device)
-    graph = Graph.from_model(model)
-    options = {"path": args.data} if args.data else {}
-    task = load_task(args.task, model, **options)
-    data = list(
-        take_examples(task.batches(args.split, args.batch_size, seed=args.seed), args.n_examples)
-    )
-    reference = None
-    if args.ablation == Ablation.MEAN.value:  # averaged over the train split, never the scored data
-        reference = list(
-            take_examples(task.batches("train", args.batch_size, seed=args.seed), args.n_examples)
-        )
-    scores = attribute(
-        model,
-        graph,
-        data,
-        task.metric,
-        method=args.method,
-        ablation=args.ablation,
-        steps=args.steps,
-        reference=reference,
-        progress=True,
-    )
-    scores.meta.update(model=args.model, task=args.task, split=args.split, seed=args.seed)
-    out = str(args.out)
-    if out.endswith(".safetensors"):
-        scores.save(out)
-    else:
-        scores.to_json(out)
-    flat = scores.flat()
-    top = flat.abs().argsort(descending=True)[:5].tolist()
-    print(f"scored {graph.n_edges} edges on {scores.meta['n_examples']} examples -> {out}")
-    for index in top:
-        print(f"  {graph.edge_names[index]:>24}  {float(flat[index]):+.4f}")
-    return 0
-
-
-__all__ = ["Method", "Metric", "attribute", "eap_with_loss", "gradient_hooks", "register_cli"]
+__all__ = ["METHODS", "BatchScorer", "attribute", "eap_with_loss", "gradient_hooks"]

@@ -23,14 +23,10 @@ extrapolation to 0 and no normalisation: on `MIB_GRID` a constant f = 1 gives CP
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,14 +36,13 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from circuitdyn.activations import Ablation, ablated_sources, mean_activations
+from circuitdyn.activations import ABLATIONS, ablated_sources, mean_activations
 from circuitdyn.circuit import Circuit
 from circuitdyn.graph import Graph
 from circuitdyn.patching import run_patched
 from circuitdyn.scores import Scores
-from circuitdyn.tasks.base import Batch, logit_diff, take_examples
-
-Metric = Callable[[Tensor, Batch], Tensor]
+from circuitdyn.selection import SELECTIONS, select
+from circuitdyn.tasks.base import Batch, Metric, check_tokens, checked_metric, logit_diff
 
 #: MIB's default grid of circuit sizes, as fractions of all edges.
 MIB_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -56,8 +51,6 @@ MIB_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 
 #: makes faithfulness a ratio with a near-zero denominator: a warning is raised.
 DEGENERATE_RTOL = 1e-3
 DEGENERATE_ATOL = 1e-8
-
-SELECTIONS: tuple[str, ...] = ("top_edges", "greedy", "top_nodes")
 
 
 class DegenerateFaithfulnessWarning(UserWarning):
@@ -80,7 +73,7 @@ def run_with_circuit(
     graph: Graph,
     circuit: Circuit,
     batch: Batch,
-    ablation: Ablation | str = Ablation.CORRUPTED,
+    ablation: str = "corrupted",
     means: Float[Tensor, "n_src pos d_model"] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits of `batch.clean` with every edge outside `circuit` ablated (no gradients).
@@ -91,7 +84,6 @@ def run_with_circuit(
 
     Cost: the ablated sources (one forward pass of the corrupted tokens; none for mean/zero)
     plus one patched forward pass."""
-    ablation = Ablation(ablation)
     _check_graph(graph, circuit)
     batch = batch.to(_device(model))
     ablated = ablated_sources(model, graph, batch, ablation, means)
@@ -126,7 +118,7 @@ def evaluate_circuits(
     data: Iterable[Batch],
     metric: Metric = logit_diff,
     *,
-    ablation: Ablation | str = Ablation.CORRUPTED,
+    ablation: str = "corrupted",
     means: Float[Tensor, "n_src pos d_model"] | None = None,
     reference: Iterable[Batch] | None = None,
     per_position: bool = False,
@@ -138,13 +130,12 @@ def evaluate_circuits(
     forward, one patched run for the empty circuit, one per circuit (full and empty circuits
     reuse the clean / empty values). Mean ablation needs `means` or `reference` batches (and
     `per_position` for per-position means)."""
-    ablation = Ablation(ablation)
     for circuit in circuits:
         _check_graph(graph, circuit)
     device = _device(model)
-    if ablation is Ablation.MEAN and means is None:
+    if ABLATIONS[ablation].needs_means and means is None:
         if reference is None:
-            raise ValueError("ablation='mean' needs means=<tensor> or reference=<batches>")
+            raise ValueError(f"ablation={ablation!r} needs means=<tensor> or reference=<batches>")
         means = mean_activations(model, graph, reference, per_position=per_position)
     full_circuit = Circuit.full(graph)
     kinds = [
@@ -162,12 +153,12 @@ def evaluate_circuits(
         if not isinstance(batch, Batch):
             raise TypeError(f"data must yield circuitdyn Batch objects, got {type(batch).__name__}")
         batch = batch.to(device)
-        _check_tokens(model, batch)
+        check_tokens(batch, model.cfg.d_vocab, model.cfg.n_ctx)
         ablated = ablated_sources(model, graph, batch, ablation, means)
         with torch.no_grad():
-            full = _metric_values(metric, model(batch.clean), batch, "the full model")
-        empty = _metric_values(
-            metric, _run(model, graph, batch, ablated, all_ablated), batch, "the empty circuit"
+            full = _values(metric(model(batch.clean), batch), batch, "the full model")
+        empty = _values(
+            metric(_run(model, graph, batch, ablated, all_ablated), batch), batch, "the empty circuit"
         )
         full_values.append(full)
         empty_values.append(empty)
@@ -178,7 +169,7 @@ def evaluate_circuits(
                 circuit_values[i].append(empty)
             else:
                 logits = _run(model, graph, batch, ablated, w)
-                circuit_values[i].append(_metric_values(metric, logits, batch, f"circuit {i}"))
+                circuit_values[i].append(_values(metric(logits, batch), batch, f"circuit {i}"))
     if not full_values:
         raise ValueError("no data: the iterable of batches was empty")
     per_circuit = [torch.cat(values) for values in circuit_values]
@@ -272,7 +263,7 @@ def faithfulness(
     data: Iterable[Batch],
     metric: Metric = logit_diff,
     *,
-    ablation: Ablation | str = Ablation.CORRUPTED,
+    ablation: str = "corrupted",
     means: Float[Tensor, "n_src pos d_model"] | None = None,
     reference: Iterable[Batch] | None = None,
     per_position: bool = False,
@@ -296,28 +287,6 @@ def faithfulness(
 # ---------------------------------------------------------------------------------------------
 # Curves, CPR, CMD
 # ---------------------------------------------------------------------------------------------
-def n_selectable(graph: Graph, selection: str) -> int:
-    """How many items a selection method ranks: edges, or heads + MLPs for ``top_nodes``."""
-    if selection == "top_nodes":
-        return graph.n_src - 1
-    if selection in ("top_edges", "greedy"):
-        return graph.n_edges
-    raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
-
-
-def select(
-    scores: Scores, n: int, selection: str = "top_edges", *, absolute: bool = True
-) -> Circuit:
-    """`Circuit.top_edges`, `Circuit.greedy` or `Circuit.top_nodes` by name."""
-    n_selectable(scores.graph, selection)  # validates the name
-    method = {
-        "top_edges": Circuit.top_edges,
-        "greedy": Circuit.greedy,
-        "top_nodes": Circuit.top_nodes,
-    }
-    return method[selection](scores, n, absolute=absolute)
-
-
 def faithfulness_curve(
     model: HookedTransformer,
     graph: Graph,
@@ -325,7 +294,7 @@ def faithfulness_curve(
     data: Iterable[Batch],
     metric: Metric = logit_diff,
     *,
-    ablation: Ablation | str = Ablation.CORRUPTED,
+    ablation: str = "corrupted",
     fractions: Sequence[float] = MIB_GRID,
     selection: str = "top_edges",
     absolute: bool = True,
@@ -348,11 +317,11 @@ def faithfulness_curve(
         raise ValueError(f"the scores' graph {scores.graph} does not match {graph}")
     fractions = [float(f) for f in fractions]
     _check_fractions(fractions)
-    total = n_selectable(graph, selection)
+    total = SELECTIONS[selection].n_max(graph)
     counts = [math.floor(f * total + 1e-9) for f in fractions]  # floor as MIB; guard rounding
     circuits = []
     for n in counts:
-        circuit = select(scores, n, selection, absolute=absolute)
+        circuit = select(scores, n, selection, absolute=absolute).circuit
         circuits.append(circuit.prune() if prune else circuit)
     values = evaluate_circuits(
         model,
@@ -392,7 +361,7 @@ def faithfulness_curve(
             "m_empty": m_empty,
             "n_examples": int(values.full.numel()),
             "selection": selection,
-            "ablation": Ablation(ablation).value,
+            "ablation": ablation,
             "absolute": absolute,
             "prune": prune,
         }
@@ -460,29 +429,8 @@ def _check_graph(graph: Graph, circuit: Circuit) -> None:
         raise ValueError(f"the circuit's graph {circuit.graph} does not match {graph}")
 
 
-def _check_tokens(model: HookedTransformer, batch: Batch) -> None:
-    for name, tokens in (("clean", batch.clean), ("corrupted", batch.corrupted)):
-        if tokens is not None and (int(tokens.max()) >= model.cfg.d_vocab or int(tokens.min()) < 0):
-            raise ValueError(
-                f"{name} token ids must lie in [0, {model.cfg.d_vocab}) for this model's vocabulary"
-            )
-    if batch.clean.shape[1] > model.cfg.n_ctx:
-        raise ValueError(
-            f"sequences of {batch.clean.shape[1]} tokens exceed the model's n_ctx={model.cfg.n_ctx}"
-        )
-
-
-def _metric_values(metric: Metric, logits: Tensor, batch: Batch, what: str) -> Tensor:
-    values = metric(logits, batch)
-    if values.shape != (batch.size,):
-        raise ValueError(
-            f"the metric must return one value per example, shape ({batch.size},), got {tuple(values.shape)}"
-        )
-    values = values.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(values).all()):
-        bad = (~torch.isfinite(values)).nonzero()[:, 0].tolist()
-        raise ValueError(f"the metric is NaN/inf on {what} for examples {bad[:10]} of a batch")
-    return values
+def _values(values: Tensor, batch: Batch, what: str) -> Float[Tensor, " batch"]:
+    return checked_metric(values, batch, what).detach().to("cpu", torch.float64)
 
 
 def _safe_ratio(numerator: float, denominator: float) -> float:
@@ -491,125 +439,8 @@ def _safe_ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: circuitdyn evaluate
-# ---------------------------------------------------------------------------------------------
-def register_cli(subparsers: Any) -> None:
-    """Add ``circuitdyn evaluate``: the faithfulness curve of a scores file on a task."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="faithfulness curve (and CPR / CMD) of an edge-scores file on a task",
-        description=(
-            "Select circuits of growing size from edge scores (MIB's grid of edge fractions), "
-            "run the model with only each circuit's edges, and report faithfulness "
-            "(m(C) - m(empty)) / (m(full) - m(empty)) per size, with CPR and CMD."
-        ),
-    )
-    parser.add_argument(
-        "--scores", required=True, type=Path, help="scores file (.json or .safetensors)"
-    )
-    parser.add_argument(
-        "--model",
-        default="default",
-        help="model name for circuitdyn.models.load_model (default: the embedded model)",
-    )
-    parser.add_argument(
-        "--task", default="agreement", help="task name for circuitdyn.tasks.load_task"
-    )
-    parser.add_argument("--ablation", default="corrupted", choices=[a.value for a in Ablation])
-    parser.add_argument("--n-examples", type=int, default=256, help="examples to evaluate on")
-    parser.add_argument("--split", default="test", help="task split to evaluate on (default: test)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--selection", default="top_edges", choices=list(SELECTIONS))
-    parser.add_argument("--signed", action="store_true", help="rank by signed score, not |score|")
-    parser.add_argument("--no-prune", action="store_true", help="do not prune dangling nodes")
-    parser.add_argument(
-        "--fractions",
-        type=float,
-        nargs="+",
-        default=list(MIB_GRID),
-        help="edge fractions (default: MIB's grid)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the batch order")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="model dtype, e.g. float32 (default: saved)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="write the curve, CPR and CMD as JSON"
-    )
-    parser.set_defaults(func=_cli_main)
-
-
-def _load_scores(path: Path) -> Scores:
-    if not path.exists():
-        raise FileNotFoundError(f"no scores file at {path}")
-    return Scores.from_json(path) if path.suffix == ".json" else Scores.load(path)
-
-
-def _cli_main(args: argparse.Namespace) -> int:
-    # Imported here: models/tasks pull in tokenizers and pretrained-model code that the library
-    # functions above do not need.
-    from circuitdyn.models import load_model
-    from circuitdyn.tasks import load_task
-
-    if args.n_examples < 1 or args.batch_size < 1:
-        raise ValueError("--n-examples and --batch-size must be >= 1")
-    scores = _load_scores(args.scores)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    graph = Graph.from_model(model)
-    if scores.graph != graph:
-        raise ValueError(
-            f"{args.scores} scores a graph {scores.graph}, but {args.model} has {graph}"
-        )
-    task = load_task(args.task, model)
-    data = take_examples(task.batches(args.split, args.batch_size, seed=args.seed), args.n_examples)
-    reference = None
-    if args.ablation == Ablation.MEAN.value:
-        # Mean ablation averages over the training split, never the evaluated examples.
-        reference = list(
-            take_examples(task.batches("train", args.batch_size, seed=args.seed), args.n_examples)
-        )
-    curve = faithfulness_curve(
-        model,
-        graph,
-        scores,
-        data,
-        task.metric,
-        ablation=args.ablation,
-        fractions=args.fractions,
-        selection=args.selection,
-        absolute=not args.signed,
-        prune=not args.no_prune,
-        reference=reference,
-    )
-    area, distance = cpr(curve), cmd(curve)
-    attrs = curve.attrs
-    print(
-        f"{args.task} on {args.model}: {attrs['n_examples']} examples ({args.split}), "
-        f"{args.ablation} ablation, {args.selection}; m(full) = {attrs['m_full']:.4f}, "
-        f"m(empty) = {attrs['m_empty']:.4f}"
-    )
-    print(curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"CPR = {area:.4f}  CMD = {distance:.4f}")
-    if args.out is not None:
-        payload = {
-            "scores": str(args.scores),
-            "model": args.model,
-            "task": args.task,
-            "split": args.split,
-            **attrs,
-            "cpr": area,
-            "cmd": distance,
-            "curve": curve.to_dict(orient="records"),
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0
-
-
 __all__ = [
     "MIB_GRID",
-    "SELECTIONS",
     "CircuitMetrics",
     "DegenerateFaithfulnessWarning",
     "Faithfulness",
@@ -619,9 +450,6 @@ __all__ = [
     "evaluate_circuits",
     "faithfulness",
     "faithfulness_curve",
-    "n_selectable",
-    "register_cli",
     "run_with_circuit",
-    "select",
     "warn_if_degenerate",
 ]

@@ -15,6 +15,8 @@ prefix of the source axis; destinations are ordered per layer as
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -27,6 +29,47 @@ QKV = ("q", "k", "v")
 
 # TransformerLens architectures whose norms sit after the residual add (OLMo 2/3).
 _POST_NORM_ARCHITECTURES = {"Olmo2ForCausalLM", "Olmo3ForCausalLM"}
+
+
+_HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
+_MLP = re.compile(r"^m(\d+)$")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node name denotes: ``kind`` is ``"input"``, ``"head"``, ``"mlp"`` or ``"logits"``;
+    ``layer`` and ``head`` are None where they do not apply."""
+
+    name: str
+    kind: str
+    layer: int | None
+    head: int | None
+
+
+def parse_node(name: str) -> NodeInfo:
+    """Parse a node name (``input``, ``a{L}.h{H}``, ``m{L}``, ``logits``; a destination suffix
+    ``<q>``/``<k>``/``<v>`` is dropped). The one parser of node names in circuitdyn; raises
+    ValueError for anything else."""
+    base = name.split("<", 1)[0]
+    if base in ("input", "logits"):
+        return NodeInfo(base, base, None, None)
+    match = _HEAD.match(base)
+    if match:
+        return NodeInfo(base, "head", int(match.group(1)), int(match.group(2)))
+    match = _MLP.match(base)
+    if match:
+        return NodeInfo(base, "mlp", int(match.group(1)), None)
+    raise ValueError(f"not a circuitdyn node name: {name!r} (expected input, aL.hH, mL, logits)")
+
+
+def split_edge(edge: str) -> tuple[str, str, str, str]:
+    """``"a0.h1->a2.h3<q>"`` -> (src ``a0.h1``, dst ``a2.h3<q>``, dst node ``a2.h3``, input
+    ``q``; input is ``""`` for MLP and logits destinations)."""
+    src, sep, dst = edge.partition("->")
+    if not sep:
+        raise ValueError(f"edge names look like 'a0.h1->a2.h3<q>', got {edge!r}")
+    node, _, rest = dst.partition("<")
+    return src, dst, node, rest.rstrip(">")
 
 
 class UnsupportedModelError(ValueError):
@@ -114,6 +157,26 @@ class Graph:
     def from_config(cls, cfg: HookedTransformerConfig) -> Graph:
         check_supported(cfg)
         return cls(n_layers=cfg.n_layers, n_heads=cfg.n_heads, has_mlp=not cfg.attn_only)
+
+    @classmethod
+    def from_names(cls, src_names: Sequence[str], dst_names: Sequence[str]) -> Graph:
+        """The graph whose source and destination names are these (e.g. as a `RunStore` saved
+        them); ValueError when no graph has exactly these names in this order."""
+        nodes = [parse_node(name) for name in src_names]
+        layers = [n.layer for n in nodes if n.layer is not None]
+        heads = [n.head for n in nodes if n.head is not None]
+        if not layers or not heads:
+            raise ValueError("these names hold no attention head: not a circuitdyn graph")
+        graph = cls(
+            n_layers=max(layers) + 1,
+            n_heads=max(heads) + 1,
+            has_mlp=any(n.kind == "mlp" for n in nodes),
+        )
+        if graph.src_names != tuple(src_names) or graph.dst_names != tuple(dst_names):
+            raise ValueError(
+                f"these source/destination names are not those of {graph} in its order"
+            )
+        return graph
 
     # ---- sizes and layout ---------------------------------------------------------------
     @property

@@ -13,11 +13,9 @@ The shipped model was made with::
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -266,47 +264,3 @@ def _warmup_cosine(warmup: int, steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``circuitdyn pretrain --out DIR [--seed N] [--steps N]``."""
-    parser = subparsers.add_parser(
-        "pretrain",
-        help="pretrain the embedded agreement-language model from scratch",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="weights and data seed (default 0)")
-    parser.add_argument("--steps", type=int, default=3000, help="optimiser steps (default 3000)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sentences per step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    parser.add_argument(
-        "--n-eval", type=int, default=2000, help="held-out sentence pairs measured at the end"
-    )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    # Tiny models train faster on one thread than on several contending ones; record the
-    # setting when the caller chose it, so the command reproduces the run.
-    threads = os.environ.get("OMP_NUM_THREADS")
-    command = f"OMP_NUM_THREADS={threads} " if threads else ""
-    command += f"circuitdyn pretrain --out {args.out} --seed {args.seed} --steps {args.steps}"
-    if args.batch_size != 64:
-        command += f" --batch-size {args.batch_size}"
-    if args.lr != 3e-3:
-        command += f" --lr {args.lr}"
-    if args.n_eval != 2000:
-        command += f" --n-eval {args.n_eval}"
-    pretrain(
-        args.out,
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        n_eval=args.n_eval,
-        device=args.device,
-        command=command,
-    )
-    return 0

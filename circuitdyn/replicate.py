@@ -16,10 +16,8 @@ unfinished ones resume from their last checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,8 +32,9 @@ import torch
 from tqdm import tqdm
 
 from circuitdyn.circuit import Circuit
+from circuitdyn.config import TuningConfig
 from circuitdyn.store import RunStore
-from circuitdyn.tuning import Strategy, TuningConfig, tune
+from circuitdyn.tuning import tune
 
 
 @dataclass(frozen=True)
@@ -110,12 +109,12 @@ def run_plan(
     plan: dict[str, TuningConfig] = {}
     for seed in range(p.seeds):
         runs = {
-            "circuit": replace(base, strategy=Strategy.CIRCUIT),
-            "fixed": replace(base, strategy=Strategy.FIXED),
-            "random": replace(base, strategy=Strategy.RANDOM),
+            "circuit": replace(base, strategy="circuit"),
+            "fixed": replace(base, strategy="fixed"),
+            "random": replace(base, strategy="random"),
         }
         for lr in p.full_lrs:
-            runs[_label("full", lr=lr)] = replace(base, strategy=Strategy.FULL, lr=lr)
+            runs[_label("full", lr=lr)] = replace(base, strategy="full", lr=lr)
         if seed == 0:
             for n in p.sweep_n:
                 runs[_label("circuit", n=n)] = replace(base, top_n=n)
@@ -459,41 +458,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
-
-
-def register_cli(subparsers) -> None:
-    """``circuitdyn replicate``: the paper's validation experiment on the embedded model."""
-    p = subparsers.add_parser(
-        "replicate",
-        help="replicate the validation experiment of arXiv 2502.06106 (disagreement)",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--quick", action="store_true", help="small settings (1 seed, 30 steps)")
-    p.add_argument("--out", default="runs/replication", help="output directory")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per strategy (default 3)")
-    p.add_argument(
-        "--model", default="default", help="'default' or a TransformerLens name, e.g. gpt2"
-    )
-    p.add_argument("--data", default=None, help="the paper's sv-jsonl file (for real models)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--figures", default=None, help="figure directory (default OUT/figures)")
-    p.add_argument(
-        "--png", action=argparse.BooleanOptionalAction, default=None, help="also write PNG figures"
-    )
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    result = replicate(
-        args.out,
-        quick=args.quick,
-        seeds=args.seeds,
-        model=args.model,
-        data=args.data,
-        workers=args.workers,
-        png=args.png,
-        figures=args.figures,
-    )
-    print(Path(args.out, "summary.md").read_text())
-    print(f"done in {result['wall_time_s']:.0f} s; report: {result['report']}")
-    return 0

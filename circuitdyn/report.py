@@ -16,11 +16,9 @@ checkpoints (evenly spread, the last included) plus the initial model.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -551,82 +549,3 @@ def build_report(
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """``circuitdyn analyze`` (tables of one run) and ``circuitdyn report`` (HTML report)."""
-    p = subparsers.add_parser(
-        "analyze",
-        help="write the analysis tables of a run (CSV, JSON)",
-        description="Compute circuit dynamics, edge trends, phase comparisons, head roles and "
-        "weight change of a recorded run and write them as CSV files plus summary.json.",
-    )
-    p.add_argument("run_dir", help="run directory written by `circuitdyn tune`")
-    p.add_argument(
-        "--out", default=None, help="output directory (default: RUN_DIR_analysis beside the run)"
-    )
-    _shared_options(p)
-    p.add_argument(
-        "--figures",
-        action="store_true",
-        help="also write every figure (HTML; PNG if kaleido works)",
-    )
-    p.set_defaults(func=_analyze_cli)
-
-    r = subparsers.add_parser(
-        "report",
-        help="write a self-contained HTML report of one or more runs",
-        description="One HTML page (plotly.js embedded, works offline) with the key numbers and "
-        "all figures of one run, or a comparison of several runs.",
-    )
-    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    r.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
-    r.add_argument("--title", default=None, help="page title")
-    _shared_options(r)
-    r.set_defaults(func=_report_cli)
-
-
-def _shared_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--no-model",
-        action="store_true",
-        help="skip head roles and weight change (no model loading)",
-    )
-    p.add_argument(
-        "--top-k", type=int, default=10, help="edges shown in trajectories / rank changes"
-    )
-    p.add_argument("--examples", type=int, default=64, help="dev examples for head roles")
-    p.add_argument("--max-checkpoints", type=int, default=6, help="checkpoints for head roles")
-
-
-def _analyze_cli(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    out = Path(args.out) if args.out else run_dir.parent / f"{run_dir.name}_analysis"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecated", category=DeprecationWarning)
-        result = analyze_run(
-            RunStore.open(run_dir),
-            model=not args.no_model,
-            top_k=args.top_k,
-            n_examples=args.examples,
-            max_checkpoints=args.max_checkpoints,
-        )
-        written = write_tables(result, out, figures=args.figures)
-    for note in result.notes:
-        print(f"note: {note}")
-    print(f"wrote {len(written)} files to {out}")
-    return 0
-
-
-def _report_cli(args: argparse.Namespace) -> int:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecated", category=DeprecationWarning)
-        path = build_report(
-            args.run_dirs,
-            args.out,
-            model=not args.no_model,
-            title=args.title,
-            top_k=args.top_k,
-            n_examples=args.examples,
-            max_checkpoints=args.max_checkpoints,
-        )
-    print(f"wrote {path}")
-    return 0

@@ -37,8 +37,9 @@ line from ``evals.jsonl``, so the next line starts clean. A SIGKILL at any momen
 at most the step being written; as the tensor files, evals.jsonl and the directory entries are
 fsynced before a call returns, so does a power cut.
 
-This is a lower layer: it knows nothing of graphs, models or trainers, and takes plain lists and
-tensors. Tensors go to safetensors and everything else to JSON; nothing is serialised as Python objects.
+It knows nothing of models or trainers and takes plain lists and tensors; its typed views
+`RunStore.graph` and `RunStore.config` rebuild the run's `Graph` and `TuningConfig`, so readers
+never parse names or read config keys themselves. Tensors go to safetensors and everything else to JSON; nothing is serialised as Python objects.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -64,6 +66,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file as safetensors_save_file
 from torch import Tensor
+
+from circuitdyn.config import TuningConfig
+from circuitdyn.graph import Graph
 
 try:  # POSIX advisory locks; without them (Windows) a second writer is not detected.
     import fcntl
@@ -168,7 +173,8 @@ class RunStore:
     Attributes: ``manifest`` (the caller's run description given to `create`), ``versions``
     (package versions at creation), ``created`` (UTC, ISO 8601), ``format_version``,
     ``score_dtype``, ``src_names`` / ``dst_names`` / ``node_names`` (tuples), ``n_edges`` (number
-    of valid edges), ``directory``.
+    of valid edges), ``directory``; typed views ``graph`` (`Graph`) and ``config``
+    (`TuningConfig`).
     """
 
     def __init__(self, directory: Path, header: dict[str, Any], edge_valid: Tensor) -> None:
@@ -298,6 +304,32 @@ class RunStore:
             f"RunStore({str(self.directory)!r}, steps={span} ({len(self._steps)}), "
             f"edges={self.n_edges}, score_dtype={_dtype_name(self.score_dtype)})"
         )
+
+    # ------------------------------------------------------------------ typed views
+
+    @cached_property
+    def graph(self) -> Graph:
+        """The run's `Graph`, rebuilt from its saved layout; StoreError when the layout is not a
+        circuitdyn graph (a store made by hand with other names)."""
+        try:
+            graph = Graph.from_names(self.src_names, self.dst_names)
+        except ValueError as error:
+            raise StoreError(f"{self.directory}: the saved layout is not a graph: {error}") from None
+        if not torch.equal(graph.edge_valid, self._edge_valid):
+            raise StoreError(f"{self.directory}: the saved edge_valid is not that of {graph}")
+        return graph
+
+    @cached_property
+    def config(self) -> TuningConfig:
+        """The run's `TuningConfig` (from the manifest's ``config``); StoreError when the run
+        has none or it does not parse."""
+        payload = self.manifest.get("config")
+        if not isinstance(payload, dict):
+            raise StoreError(f"{self.directory}: the manifest holds no tuning config")
+        try:
+            return TuningConfig.from_dict(payload)
+        except (TypeError, ValueError) as error:
+            raise StoreError(f"{self.directory}: the manifest's config is invalid: {error}") from None
 
     # ------------------------------------------------------------------ the graph layout
 

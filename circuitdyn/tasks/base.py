@@ -17,7 +17,7 @@ logit(target) - logit(foil). `lm_loss` is the default training loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
@@ -123,6 +123,37 @@ def validate_batch(batch: Batch) -> None:
             f"lm_weight must have the shape of clean tokens {tuple(clean.shape)}, "
             f"got {tuple(batch.lm_weight.shape)}"
         )
+
+
+Metric = Callable[[Tensor, "Batch"], Tensor]
+"""``metric(logits [batch, pos, vocab], batch) -> [batch]``; larger = more of the behaviour."""
+
+
+def check_tokens(batch: Batch, d_vocab: int, n_ctx: int) -> None:
+    """ValueError when the batch's token ids or length do not fit a model's vocabulary / context."""
+    for name, tokens in (("clean", batch.clean), ("corrupted", batch.corrupted)):
+        if tokens is not None and (int(tokens.max()) >= d_vocab or int(tokens.min()) < 0):
+            raise ValueError(
+                f"{name} token ids must lie in [0, {d_vocab}) for this model's vocabulary; "
+                "was the batch made with another tokenizer?"
+            )
+    if batch.clean.shape[1] > n_ctx:
+        raise ValueError(f"sequences of {batch.clean.shape[1]} tokens exceed the model's {n_ctx=}")
+
+
+def checked_metric(
+    values: Float[Tensor, " batch"], batch: Batch, what: str = "a batch"
+) -> Float[Tensor, " batch"]:
+    """The metric's per-example values, after checking their shape and finiteness."""
+    if values.shape != (batch.size,):
+        raise ValueError(
+            f"the metric must return one value per example, shape ({batch.size},), "
+            f"got {tuple(values.shape)}"
+        )
+    if not bool(torch.isfinite(values).all()):
+        bad = (~torch.isfinite(values)).nonzero()[:, 0].tolist()
+        raise ValueError(f"the metric is NaN/inf on {what} for examples {bad[:10]}")
+    return values
 
 
 def gather_read_logits(

@@ -1,0 +1,95 @@
+"""Tuning strategies: which parameters an update of the tuning engine may move.
+
+Every strategy is attributed and recorded the same way; they differ only in the circuit that
+the updates tune. A strategy is a `TuningStrategy` registered in `STRATEGIES`:
+
+* ``circuit``: circuit-tuning; the circuit is re-searched every `research_every` (K) steps;
+* ``fixed``:   the circuit found at step 0, never re-searched;
+* ``random``:  a seeded random set of heads/MLPs with (about, from below) the same number of
+               tunable parameters as the step-0 circuit;
+* ``full``:    plain full fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformer_lens import HookedTransformer
+
+from circuitdyn.circuit import Circuit
+from circuitdyn.graph import Graph
+from circuitdyn.ownership import ParameterPolicy, count_tunable
+from circuitdyn.registry import Registry
+
+FirstCircuit = Callable[[HookedTransformer, Circuit, ParameterPolicy, int], Circuit | None]
+
+
+@dataclass(frozen=True)
+class TuningStrategy:
+    """`research`: the tuned circuit is the latest selection, re-searched every K steps.
+    `first(model, selected, policy, seed)`: otherwise, the circuit tuned from step 0 on, built
+    from the step-0 selection; None means every parameter (full fine-tuning)."""
+
+    research: bool
+    first: FirstCircuit
+
+
+def _selected(model: HookedTransformer, selected: Circuit, policy, seed: int) -> Circuit:
+    return selected
+
+
+def _everything(model: HookedTransformer, selected: Circuit, policy, seed: int) -> None:
+    return None
+
+
+def random_circuit(
+    model: HookedTransformer, graph: Graph, target: int, policy: ParameterPolicy, seed: int
+) -> Circuit:
+    """A seeded random set of heads and MLPs whose tunable parameters add up to at most
+    `target` and as close to it as the random order allows (nodes are taken in random order,
+    skipping any that would overshoot). The circuit has every edge among the chosen nodes."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(graph.n_src - 1, generator=generator) + 1  # heads and MLPs
+    chosen: list[str] = []
+    total = 0
+    for index in order.tolist():
+        name = graph.src_names[index]
+        size = count_tunable(model, Circuit.from_nodes(graph, [name]), policy)
+        if total + size <= target:
+            chosen.append(name)
+            total += size
+    return Circuit.from_nodes(graph, chosen)
+
+
+def _random_matched(
+    model: HookedTransformer, selected: Circuit, policy: ParameterPolicy, seed: int
+) -> Circuit:
+    target = count_tunable(model, selected, policy)
+    return random_circuit(model, selected.graph, target, policy, seed)
+
+
+STRATEGIES: Registry[TuningStrategy] = Registry("tuning strategy")
+STRATEGIES.add(
+    "circuit",
+    TuningStrategy(research=True, first=_selected),
+    help="circuit-tuning: tune the circuit, re-searched every K steps",
+)
+STRATEGIES.add(
+    "fixed",
+    TuningStrategy(research=False, first=_selected),
+    help="tune the step-0 circuit throughout",
+)
+STRATEGIES.add(
+    "random",
+    TuningStrategy(research=False, first=_random_matched),
+    help="tune random heads/MLPs with as many parameters as the step-0 circuit",
+)
+STRATEGIES.add(
+    "full",
+    TuningStrategy(research=False, first=_everything),
+    help="full fine-tuning (the circuit is attributed for the record only)",
+)
+
+__all__ = ["STRATEGIES", "TuningStrategy", "random_circuit"]
