@@ -62,7 +62,7 @@ class TuningConfig:
     weight_decay: float = _option(0.0, "weight decay (of the tuned entries only)")
     warmup_steps: int = _option(0, "linear warm-up steps")
     schedule: str = _option("constant", "learning-rate schedule after warm-up", choices=SCHEDULES)
-    grad_clip: float | None = _option(1.0, "clip the gradient norm to this (none: no clipping)")
+    grad_clip: float | None = _option(1.0, "clip the gradient norm to this")
     eval_every: int = _option(25, "dev evaluation every this many steps")
     n_eval: int = _option(256, "examples per evaluation")
     checkpoint_every: int = _option(50, "checkpoint every this many steps")

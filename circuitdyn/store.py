@@ -136,6 +136,29 @@ class Snapshot:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class StoreCheck:
+    """What `RunStore.verify` found on disk, every snapshot and checkpoint file read in full.
+
+    ``damaged``: (file, one-line reason) for each file that cannot be read back completely and
+    correctly. ``snapshot_steps`` / ``checkpoint_steps``: steps whose file is intact, ascending.
+    ``intact_through``: the largest step t such that the snapshots of steps 0..t all exist and
+    are intact (-1 when step 0's is missing or damaged); a trainer's steps are contiguous from 0,
+    so it may resume after any intact checkpoint up to this step.
+    """
+
+    damaged: tuple[tuple[Path, str], ...]
+    snapshot_steps: tuple[int, ...]
+    checkpoint_steps: tuple[int, ...]
+    intact_through: int
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is damaged and the snapshots are contiguous from step 0."""
+        last = self.snapshot_steps[-1] if self.snapshot_steps else -1
+        return not self.damaged and self.intact_through == last
+
+
 class _Writer:
     """The write side of a store: the held lock and the open append handles of the JSONL files."""
 
@@ -314,7 +337,9 @@ class RunStore:
         try:
             graph = Graph.from_names(self.src_names, self.dst_names)
         except ValueError as error:
-            raise StoreError(f"{self.directory}: the saved layout is not a graph: {error}") from None
+            raise StoreError(
+                f"{self.directory}: the saved layout is not a graph: {error}"
+            ) from None
         if not torch.equal(graph.edge_valid, self._edge_valid):
             raise StoreError(f"{self.directory}: the saved edge_valid is not that of {graph}")
         return graph
@@ -329,7 +354,9 @@ class RunStore:
         try:
             return TuningConfig.from_dict(payload)
         except (TypeError, ValueError) as error:
-            raise StoreError(f"{self.directory}: the manifest's config is invalid: {error}") from None
+            raise StoreError(
+                f"{self.directory}: the manifest's config is invalid: {error}"
+            ) from None
 
     # ------------------------------------------------------------------ the graph layout
 
@@ -579,6 +606,93 @@ class RunStore:
             raise
         self._writer = writer
         return writer
+
+    # ------------------------------------------------------------------ verifying
+
+    def verify(self) -> StoreCheck:
+        """Read every snapshot and checkpoint file completely (tensors, shapes and dtypes against
+        the manifest, format marker, step and metadata JSON) and report what is intact. Refreshes
+        the list of steps first; a file that a concurrent writer removes meanwhile is skipped.
+        Costs one full read of the run's tensor files (checkpoints one tensor at a time)."""
+        self.refresh()
+        damaged: list[tuple[Path, str]] = []
+        intact: dict[str, list[int]] = {_SNAPSHOTS: [], _CHECKPOINTS: []}
+        for folder, steps in ((_SNAPSHOTS, self._steps), (_CHECKPOINTS, self.checkpoint_steps())):
+            for step in steps:
+                path, problem = self._step_file_problem(folder, step)
+                if problem is None:
+                    intact[folder].append(step)
+                elif path.exists():
+                    damaged.append((path, problem))
+        intact_through = -1
+        for step in intact[_SNAPSHOTS]:
+            if step != intact_through + 1:
+                break
+            intact_through = step
+        return StoreCheck(
+            damaged=tuple(damaged),
+            snapshot_steps=tuple(intact[_SNAPSHOTS]),
+            checkpoint_steps=tuple(intact[_CHECKPOINTS]),
+            intact_through=intact_through,
+        )
+
+    def remove_damaged(self, check: StoreCheck) -> None:
+        """Delete the files that ``check`` (from `verify`) found damaged and that are still
+        present and still damaged (a file rewritten since is kept), then rewrite the metrics
+        index so that no line refers to a deleted snapshot. Takes the write lock; idempotent.
+        ValueError for a path that is not one of this run's snapshot or checkpoint files."""
+        writer = self._ensure_writer()
+        targets = []
+        for path, _ in check.damaged:
+            match = _STEP_FILE.match(path.name)
+            folder = path.parent.name
+            if (
+                match is None
+                or folder not in (_SNAPSHOTS, _CHECKPOINTS)
+                or path.parent.resolve() != (self.directory / folder).resolve()
+            ):
+                raise ValueError(f"{path} is not a snapshot or checkpoint file of {self.directory}")
+            targets.append((folder, int(match.group(1))))
+        removed = False
+        for folder, step in targets:
+            if (self.directory / folder / f"step_{step:08d}.safetensors").exists():
+                path, problem = self._step_file_problem(folder, step)
+                if problem is not None:
+                    path.unlink()
+                    removed = True
+        if not removed:
+            return
+        for folder in (_SNAPSHOTS, _CHECKPOINTS):
+            _fsync_dir(self.directory / folder)
+        self._steps = self._scan_steps()
+        if not self._metrics_index_consistent():
+            # The index is replaced by rename, so the append handle must point at the new file.
+            writer.close_logs()
+            try:
+                self._rewrite_metrics_index()
+            finally:
+                writer.open_logs()
+
+    def _step_file_problem(self, folder: str, step: int) -> tuple[Path, str | None]:
+        """The path of step ``step``'s file in ``folder`` (snapshots or checkpoints) and, after
+        reading it completely, why it is damaged (one line, without the path; a missing file is
+        a problem too), or None if it is intact."""
+        if folder == _SNAPSHOTS:
+            path = self._snapshot_path(step)
+            read = self.snapshot
+        else:
+            path = self._checkpoint_path(step)
+
+            def read(step: int) -> None:
+                with self._open_checkpoint(step) as (handle, _):
+                    for name in handle.keys():
+                        handle.get_tensor(name)  # one at a time: checkpoints can be large
+
+        try:
+            read(step)
+        except StoreError as error:
+            return path, " ".join(str(error).removeprefix(f"{path}: ").split())
+        return path, None
 
     # ------------------------------------------------------------------ reading snapshots
 
@@ -831,12 +945,22 @@ class RunStore:
         self, step: int, device: str | torch.device = "cpu"
     ) -> tuple[dict[str, Tensor], Any]:
         """The tensors and meta saved by `save_checkpoint` at ``step``, tensors on ``device``."""
-        path = self._checkpoint_path(step)
-        if not path.exists():
+        if not self._checkpoint_path(step).exists():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; "
                 f"checkpoints: {self.checkpoint_steps()}"
             )
+        with self._open_checkpoint(step, device) as (handle, meta):
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        return tensors, meta
+
+    @contextlib.contextmanager
+    def _open_checkpoint(
+        self, step: int, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[Any, Any]]:
+        """Open one checkpoint file lazily, check its format marker and step, and yield the handle
+        and the parsed meta. Any damage becomes a `StoreError` naming the file."""
+        path = self._checkpoint_path(step)
         try:
             with safe_open(path, framework="pt", device=str(device)) as handle:
                 metadata = handle.metadata() or {}
@@ -844,13 +968,15 @@ class RunStore:
                     step
                 ):
                     raise StoreError(f"{path}: not the checkpoint of step {step}")
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-            meta = json.loads(metadata["meta"])
+                try:
+                    meta = json.loads(metadata["meta"])
+                except (KeyError, json.JSONDecodeError) as error:
+                    raise StoreError(f"{path}: unreadable checkpoint meta ({error})") from error
+                yield handle, meta
+        except FileNotFoundError as error:
+            raise StoreError(f"{path}: missing; the run changed (truncated?)") from error
         except SafetensorError as error:
             raise StoreError(f"{path}: damaged checkpoint file ({error})") from error
-        except (KeyError, json.JSONDecodeError) as error:
-            raise StoreError(f"{path}: unreadable checkpoint meta ({error})") from error
-        return tensors, meta
 
     def _checkpoint_path(self, step: int) -> Path:
         return self.directory / _CHECKPOINTS / f"step_{step:08d}.safetensors"
@@ -928,6 +1054,12 @@ def unflatten_state(tensors: Mapping[str, Tensor], skeleton: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- files
+
+
+def strip_prefix(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of a checkpoint under ``prefix.`` (e.g. ``model``), with the prefix removed."""
+    head = f"{prefix}."
+    return {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -1202,3 +1334,17 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     if not records:
         return pd.DataFrame({"step": pd.Series([], dtype="int64")})
     return pd.DataFrame.from_records(records)
+
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "RunStore",
+    "Snapshot",
+    "StoreCheck",
+    "StoreError",
+    "StoreLockedError",
+    "flatten_state",
+    "strip_prefix",
+    "unflatten_state",
+]

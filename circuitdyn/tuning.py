@@ -56,7 +56,7 @@ from circuitdyn.optim import make_optimizer, masked_step, restrict_gradients
 from circuitdyn.ownership import parameter_masks
 from circuitdyn.scores import Scores
 from circuitdyn.selection import SELECTIONS, select
-from circuitdyn.store import RunStore, flatten_state, unflatten_state
+from circuitdyn.store import RunStore, flatten_state, strip_prefix, unflatten_state
 from circuitdyn.strategies import STRATEGIES
 from circuitdyn.tasks import general_task, load_task
 from circuitdyn.tasks.base import Batch, Task, accuracy, take_examples
@@ -289,8 +289,7 @@ class _Run:
 
     def load(self, step: int) -> None:
         tensors, meta = self.store.load_checkpoint(step, device=self.device)
-        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.model.load_state_dict(model_state)
+        self.model.load_state_dict(strip_prefix(tensors, "model"))
         optim = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
         self.optimizer.load_state_dict(unflatten_state(optim, meta["optimizer"]))
         torch.set_rng_state(tensors["rng.torch"].cpu())

@@ -1,0 +1,7 @@
+"""``python -m circuitdyn``: the `circuitdyn` command."""
+
+import sys
+
+from circuitdyn.cli import main
+
+sys.exit(main())
