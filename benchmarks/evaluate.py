@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from circuitdyn.activations import Ablation, ablated_sources
+from circuitdyn.activations import ablated_sources
 from circuitdyn.circuit import Circuit
 from circuitdyn.evaluate import ablation_weights, run_with_circuit
 from circuitdyn.graph import Graph
@@ -93,7 +93,7 @@ def bench(name: str, shape: dict, repeats: int, device: str) -> None:
     # patching, which rebuilds a layer's inputs only where some edge into it is ablated).
     scores = Scores(graph, torch.randn(graph.n_src, graph.n_dst, generator=generator))
     circuit = Circuit.top_edges(scores, graph.n_edges // 2)
-    ablated = ablated_sources(model, graph, batch, Ablation.CORRUPTED)
+    ablated = ablated_sources(model, graph, batch, "corrupted")
     weights = ablation_weights(graph, circuit, device)
 
     def plain() -> object:
@@ -103,7 +103,7 @@ def bench(name: str, shape: dict, repeats: int, device: str) -> None:
     results = median_times(
         {
             "forward": plain,
-            "ablated sources": lambda: ablated_sources(model, graph, batch, Ablation.CORRUPTED),
+            "ablated sources": lambda: ablated_sources(model, graph, batch, "corrupted"),
             "patched run": lambda: run_patched(model, graph, batch.clean, ablated, weights),
             "run_with_circuit": lambda: run_with_circuit(model, graph, circuit, batch),
         },

@@ -27,7 +27,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from circuitdyn.graph import Graph
 from circuitdyn.store import RunStore
 from circuitdyn.tasks.base import Batch, lm_loss, logit_diff
-from circuitdyn.tuning import TuningConfig, _Run, train_stream
+from circuitdyn.config import TuningConfig
+from circuitdyn.tuning import _Run, train_stream
 
 
 class RandomTokensTask:

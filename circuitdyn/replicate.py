@@ -31,9 +31,20 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from circuitdyn import analysis as A
+from circuitdyn import plots
+from circuitdyn.analysis import compare as compare_analysis
+from circuitdyn.attribution import attribute
 from circuitdyn.circuit import Circuit
 from circuitdyn.config import TuningConfig
+from circuitdyn.evaluate import cmd, cpr, faithfulness_curve
+from circuitdyn.graph import Graph
+from circuitdyn.models import load_model
+from circuitdyn.report import build_report
+from circuitdyn.selection import select
 from circuitdyn.store import RunStore
+from circuitdyn.tasks import load_task
+from circuitdyn.tasks.base import take_examples
 from circuitdyn.tuning import tune
 
 
@@ -169,11 +180,6 @@ def agreement_circuit(
     model, task, protocol: Protocol, out: Path
 ) -> tuple[Circuit, pd.DataFrame, dict[str, float]]:
     """The agreement circuit of the untuned model, its faithfulness curve, CPR and CMD."""
-    from circuitdyn.attribution import attribute
-    from circuitdyn.evaluate import cmd, cpr, faithfulness_curve
-    from circuitdyn.graph import Graph
-    from circuitdyn.tasks.base import take_examples
-
     graph = Graph.from_model(model)
     data = list(
         take_examples(task.batches("dev", protocol.batch_size, seed=0), protocol.n_attribution)
@@ -182,7 +188,7 @@ def agreement_circuit(
         take_examples(task.batches("test", protocol.batch_size, seed=0), protocol.n_attribution)
     )
     scores = attribute(model, graph, data, task.metric, method="eap-ig", steps=protocol.ig_steps)
-    circuit = Circuit.top_edges(scores, min(protocol.top_n, graph.n_edges))
+    circuit = select(scores, protocol.top_n, "top_edges").circuit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         curve = faithfulness_curve(model, graph, scores, test, task.metric)
@@ -209,7 +215,7 @@ def _steps_to(evals: pd.DataFrame, column: str, level: float) -> float:
 def run_row(directory: Path, agreement: Circuit, n_params: int) -> dict[str, Any]:
     """The summary numbers of one finished run."""
     store = RunStore.open(directory)
-    config = store.manifest["config"]
+    config = store.config
     evals = store.evals_frame()
     metrics = store.metrics_frame()
     tests = evals.dropna(subset=["test_metric"])
@@ -219,11 +225,11 @@ def run_row(directory: Path, agreement: Circuit, n_params: int) -> dict[str, Any
     row = {
         "run": directory.name,
         "label": directory.name.rsplit("_s", 1)[0],
-        "seed": config["seed"],
-        "strategy": config["strategy"],
-        "top_n": config["top_n"],
-        "K": config["research_every"],
-        "lr": config["lr"],
+        "seed": config.seed,
+        "strategy": config.strategy,
+        "top_n": config.top_n,
+        "K": config.research_every,
+        "lr": config.lr,
         "test_accuracy": float(final_test["test_accuracy"]),
         "test_metric": float(final_test["test_metric"]),
         "general_loss_change": float(final_test.get("test_general_loss", math.nan))
@@ -297,13 +303,6 @@ def replicate(
     ``summary.json`` and ``summary.md``). `data`: the paper's sv-jsonl file for real models
     (``model="gpt2"``); without it the embedded agreement language is used. `figures`: where
     figures go (default ``out/figures``); `png`: also write PNGs (default: not with `quick`)."""
-    from circuitdyn import analysis as A
-    from circuitdyn import plots
-    from circuitdyn.analysis import compare as compare_analysis
-    from circuitdyn.models import load_model
-    from circuitdyn.report import build_report
-    from circuitdyn.tasks import load_task
-
     started = time.perf_counter()
     protocol = QUICK if quick else DEFAULT
     if seeds is not None:

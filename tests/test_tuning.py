@@ -10,18 +10,15 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from circuitdyn.circuit import Circuit, count_tunable, parameter_masks
+from circuitdyn.circuit import Circuit
+from circuitdyn.config import TuningConfig
 from circuitdyn.graph import Graph
 from circuitdyn.models import load_model
+from circuitdyn.optim import masked_step, restrict_gradients
+from circuitdyn.ownership import count_tunable, parameter_masks
 from circuitdyn.store import RunStore
-from circuitdyn.tuning import (
-    Strategy,
-    TuningConfig,
-    masked_step,
-    random_circuit,
-    restrict_gradients,
-    tune,
-)
+from circuitdyn.strategies import random_circuit
+from circuitdyn.tuning import tune
 
 SMALL = {"n_train": 96, "n_dev": 32, "n_test": 32}
 
@@ -217,4 +214,28 @@ def test_config_validation():
     assert [config.n_at(s) for s in range(5)] == [100, 80, 60, 40, 20]
     assert config.lr_at(0) == pytest.approx(config.lr / 2)
     assert TuningConfig.from_dict(config.to_dict()) == config
-    assert Strategy("full") is Strategy.FULL
+    with pytest.raises(ValueError, match="unknown tuning strategy 'magic'.*circuit, fixed"):
+        TuningConfig(strategy="magic")
+    with pytest.raises(ValueError, match="selection rule"):
+        TuningConfig(selection="best")
+    # Runs saved before policies had names keep loading.
+    old = {
+        **config.to_dict(),
+        "policy": {
+            "include_layernorm": True,
+            "include_embed": False,
+            "include_unembed": False,
+            "include_attn_bias_out": False,
+        },
+    }
+    assert TuningConfig.from_dict(old).policy == "nodes+norms"
+
+
+def test_circuit_size_is_clamped_and_recorded(tmp_path):
+    with pytest.warns(UserWarning, match="exceeds the 262 items"):
+        tune(small_config(steps=1, top_n=10_000), tmp_path / "r", progress=False)
+    store = RunStore.open(tmp_path / "r")
+    assert store.metrics_frame()["n_selected"].tolist() == [262.0]
+    assert store.metrics_frame()["n_edges"].tolist() == [262.0]
+    assert store.manifest["n_selectable"] == 262
+    assert store.config.top_n == 10_000  # what was asked, beside what was used

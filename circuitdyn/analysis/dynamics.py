@@ -18,67 +18,21 @@ names add ``<q>`` / ``<k>`` / ``<v>`` for a head's inputs.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from circuitdyn.graph import parse_node, split_edge
 from circuitdyn.store import RunStore
 
 CHUNK_STEPS = 64
 """Snapshots read at once by the chunked readers (memory ~ CHUNK_STEPS * n_src * n_dst bytes)."""
 
-_HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
-_MLP = re.compile(r"^m(\d+)$")
-
 
 # ---------------------------------------------------------------------------------------------
-# node names and small helpers shared by the analysis modules
+# small helpers shared by the analysis modules
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NodeInfo:
-    """What a node name denotes: ``kind`` is ``"input"``, ``"head"``, ``"mlp"`` or ``"logits"``;
-    ``layer`` and ``head`` are None where they do not apply."""
-
-    name: str
-    kind: str
-    layer: int | None
-    head: int | None
-
-
-def parse_node(name: str) -> NodeInfo:
-    """Parse a node name (``input``, ``a{L}.h{H}``, ``m{L}``, ``logits``; a destination suffix
-    ``<q>``/``<k>``/``<v>`` is dropped). Raises ValueError for anything else."""
-    base = name.split("<", 1)[0]
-    if base in ("input", "logits"):
-        return NodeInfo(base, base, None, None)
-    match = _HEAD.match(base)
-    if match:
-        return NodeInfo(base, "head", int(match.group(1)), int(match.group(2)))
-    match = _MLP.match(base)
-    if match:
-        return NodeInfo(base, "mlp", int(match.group(1)), None)
-    raise ValueError(f"not a circuitdyn node name: {name!r} (expected input, aL.hH, mL, logits)")
-
-
-def split_edge(edge: str) -> tuple[str, str, str, str]:
-    """``"a0.h1->a2.h3<q>"`` -> (src ``a0.h1``, dst ``a2.h3<q>``, dst node ``a2.h3``, input
-    ``q``; input is ``""`` for MLP and logits destinations)."""
-    src, sep, dst = edge.partition("->")
-    if not sep:
-        raise ValueError(f"edge names look like 'a0.h1->a2.h3<q>', got {edge!r}")
-    node, _, rest = dst.partition("<")
-    return src, dst, node, rest.rstrip(">")
-
-
-def n_layers_of(store: RunStore) -> int:
-    """Number of layers of the run's graph (from its node names)."""
-    layers = [parse_node(n).layer for n in store.node_names]
-    return 1 + max((layer for layer in layers if layer is not None), default=-1)
-
-
 def attributed_steps(store: RunStore) -> list[int]:
     """Steps whose edge scores were computed (not NaN). Read from the ``attributed`` training
     metric when the run logs it (circuitdyn.tuning does), else from finite node scores."""
@@ -99,30 +53,64 @@ def _chunks(steps: Sequence[int], size: int | None = None) -> Iterator[list[int]
         yield list(steps[start : start + size])
 
 
-def _dst_node_index(store: RunStore) -> np.ndarray:
-    """For each destination, the index of its node in ``store.node_names`` ([n_dst] int)."""
-    position = {name: i for i, name in enumerate(store.node_names)}
-    return np.array([position[d.split("<", 1)[0]] for d in store.dst_names], dtype=np.int64)
-
-
 def nodes_of_masks(store: RunStore, masks: np.ndarray) -> np.ndarray:
     """Node membership of dense masks: bool [n, n_src, n_dst] -> bool [n, n_nodes] in the order of
-    ``store.node_names`` (a node is in when any circuit edge goes into or out of it)."""
-    n = masks.shape[0]
-    out = np.zeros((n, len(store.node_names)), dtype=bool)
-    out[:, : len(store.src_names)] = masks.any(axis=2)
+    ``store.graph.node_names`` (a node is in when any circuit edge goes into or out of it)."""
+    graph = store.graph
+    out = np.zeros((masks.shape[0], len(graph.node_names)), dtype=bool)
+    out[:, : graph.n_src] = masks.any(axis=2)
     has_in = masks.any(axis=1)  # [n, n_dst]
-    dst_nodes = _dst_node_index(store)
-    for j in range(has_in.shape[1]):
-        out[:, dst_nodes[j]] |= has_in[:, j]
-    return out
+    dst_of_node = np.zeros((graph.n_dst, len(graph.node_names)), dtype=np.int64)
+    dst_of_node[np.arange(graph.n_dst), graph.dst_node_index.numpy()] = 1
+    return out | ((has_in.astype(np.int64) @ dst_of_node) > 0)
 
 
-def _jaccard(a: np.ndarray, b: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
+def jaccard(a: np.ndarray, b: np.ndarray, axis: int | tuple[int, ...] = -1) -> np.ndarray:
+    """Jaccard index (intersection over union, 0..1) of boolean membership arrays along
+    ``axis``, broadcasting; 1.0 where both are empty. The one Jaccard of the analyses."""
     union = (a | b).sum(axis=axis)
     inter = (a & b).sum(axis=axis)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def node_info(store: RunStore) -> pd.DataFrame:
+    """One row per graph node (``store.graph.node_names`` order): ``node``, ``kind``
+    (``input``, ``head``, ``mlp``, ``logits``), ``layer`` and ``head`` (Int64, NA where they do
+    not apply), as `circuitdyn.graph.parse_node` reads the names."""
+    infos = [parse_node(name) for name in store.graph.node_names]
+    return pd.DataFrame(
+        {
+            "node": [i.name for i in infos],
+            "kind": [i.kind for i in infos],
+            "layer": pd.array([i.layer for i in infos], dtype="Int64"),
+            "head": pd.array([i.head for i in infos], dtype="Int64"),
+        }
+    )
+
+
+def edge_info(edges: Sequence[str]) -> pd.DataFrame:
+    """One row per edge name: ``edge``, ``src``, ``dst`` (with its ``<q>``/``<k>``/``<v>``),
+    ``dst_node`` and ``input`` (``q``/``k``/``v``, ``""`` for MLP and logits destinations), as
+    `circuitdyn.graph.split_edge` reads the names."""
+    parts = [split_edge(name) for name in edges]
+    return pd.DataFrame(
+        {
+            "edge": list(edges),
+            "src": [p[0] for p in parts],
+            "dst": [p[1] for p in parts],
+            "dst_node": [p[2] for p in parts],
+            "input": [p[3] for p in parts],
+        }
+    )
+
+
+def spread(steps: Sequence[int], k: int) -> list[int]:
+    """At most ``k`` of ``steps``, evenly spread, the first and the last always included."""
+    steps = list(steps)
+    if len(steps) <= k:
+        return steps
+    index = np.unique(np.linspace(0, len(steps) - 1, k).round().astype(int))
+    return [steps[i] for i in index]
 
 
 def _resolve_steps(store: RunStore, steps: Sequence[int] | None) -> list[int]:
@@ -182,7 +170,7 @@ def circuit_sizes(store: RunStore) -> pd.DataFrame:
     (bool: the step's scores were computed). One row per recorded step.
     """
     steps = _resolve_steps(store, None)
-    kinds = np.array([parse_node(n).kind for n in store.node_names])
+    kinds = node_info(store)["kind"].to_numpy()
     n_edges: list[np.ndarray] = []
     nodes: list[np.ndarray] = []
     for chunk in _chunks(steps):
@@ -250,16 +238,16 @@ def churn(store: RunStore) -> pd.DataFrame:
         else:
             before_m = np.concatenate([prev_mask, masks[:-1]], axis=0)
             before_n = np.concatenate([prev_nodes, nodes[:-1]], axis=0)
-        jp_e = _jaccard(masks, before_m, (1, 2)).astype(float)
-        jp_n = _jaccard(nodes, before_n, (1,)).astype(float)
+        jp_e = jaccard(masks, before_m, (1, 2)).astype(float)
+        jp_n = jaccard(nodes, before_n, (1,)).astype(float)
         if prev_mask is None:
             jp_e[0] = jp_n[0] = np.nan
         columns["jaccard_edges_prev"].append(jp_e)
         columns["jaccard_nodes_prev"].append(jp_n)
-        columns["jaccard_edges_first"].append(_jaccard(masks, first, (1, 2)))
-        columns["jaccard_nodes_first"].append(_jaccard(nodes, first_nodes, (1,)))
-        columns["jaccard_edges_last"].append(_jaccard(masks, last, (1, 2)))
-        columns["jaccard_nodes_last"].append(_jaccard(nodes, last_nodes, (1,)))
+        columns["jaccard_edges_first"].append(jaccard(masks, first, (1, 2)))
+        columns["jaccard_nodes_first"].append(jaccard(nodes, first_nodes, (1,)))
+        columns["jaccard_edges_last"].append(jaccard(masks, last, (1, 2)))
+        columns["jaccard_nodes_last"].append(jaccard(nodes, last_nodes, (1,)))
         columns["edges_added"].append((masks & ~before_m).sum(axis=(1, 2)))
         columns["edges_removed"].append((~masks & before_m).sum(axis=(1, 2)))
         columns["nodes_added"].append((nodes & ~before_n).sum(axis=1))
@@ -308,24 +296,17 @@ def node_presence(store: RunStore) -> pd.DataFrame:
     """
     steps, member = node_membership_array(store)
     step_arr = np.asarray(steps)
-    infos = [parse_node(n) for n in store.node_names]
     present = member.sum(axis=0)
     change = member[1:].astype(np.int8) - member[:-1].astype(np.int8)
-    first = [int(step_arr[member[:, j]].min()) if present[j] else pd.NA for j in range(len(infos))]
-    last = [int(step_arr[member[:, j]].max()) if present[j] else pd.NA for j in range(len(infos))]
-    return pd.DataFrame(
-        {
-            "node": store.node_names,
-            "kind": [i.kind for i in infos],
-            "layer": pd.array([i.layer for i in infos], dtype="Int64"),
-            "head": pd.array([i.head for i in infos], dtype="Int64"),
-            "n_present": present.astype(np.int64),
-            "fraction": present / len(steps),
-            "first_step": pd.array(first, dtype="Int64"),
-            "last_step": pd.array(last, dtype="Int64"),
-            "n_entries": (change > 0).sum(axis=0).astype(np.int64),
-            "n_exits": (change < 0).sum(axis=0).astype(np.int64),
-        }
+    first = [int(step_arr[column].min()) if column.any() else pd.NA for column in member.T]
+    last = [int(step_arr[column].max()) if column.any() else pd.NA for column in member.T]
+    return node_info(store).assign(
+        n_present=present.astype(np.int64),
+        fraction=present / len(steps),
+        first_step=pd.array(first, dtype="Int64"),
+        last_step=pd.array(last, dtype="Int64"),
+        n_entries=(change > 0).sum(axis=0).astype(np.int64),
+        n_exits=(change < 0).sum(axis=0).astype(np.int64),
     )
 
 
@@ -367,15 +348,15 @@ def layer_composition(store: RunStore) -> pd.DataFrame:
     the layer's MLP is, else 0), ``n_nodes`` (their sum). One row per (step, layer).
     """
     steps, member = node_membership_array(store)
-    infos = [parse_node(n) for n in store.node_names]
-    n_layers = n_layers_of(store)
-    heads = np.zeros((len(steps), n_layers), dtype=np.int64)
-    mlps = np.zeros((len(steps), n_layers), dtype=np.int64)
-    for j, info in enumerate(infos):
-        if info.kind == "head":
-            heads[:, info.layer] += member[:, j]
-        elif info.kind == "mlp":
-            mlps[:, info.layer] += member[:, j]
+    info = node_info(store)
+    n_layers = store.graph.n_layers
+
+    def per_layer(kind: str) -> np.ndarray:  # [n_steps, n_layers] nodes of that kind in
+        pick = (info["kind"] == kind).to_numpy()
+        layers = info["layer"][pick].to_numpy(dtype=np.int64)
+        return member[:, pick].astype(np.int64) @ np.eye(n_layers, dtype=np.int64)[layers]
+
+    heads, mlps = per_layer("head"), per_layer("mlp")
     return pd.DataFrame(
         {
             "step": np.repeat(steps, n_layers),
@@ -426,33 +407,18 @@ def _circuit_tables(
     else:
         edge_scores = store.scores([source], edges=names)[0]
         node_scores = store.node_scores([source])[0]
-    infos = [parse_node(n) for n in store.node_names]
-    nodes = pd.DataFrame(
-        {
-            "node": store.node_names,
-            "kind": [i.kind for i in infos],
-            "layer": pd.array([i.layer for i in infos], dtype="Int64"),
-            "head": pd.array([i.head for i in infos], dtype="Int64"),
-            "score": node_scores.astype(float),
-            "in_circuit": member_nodes,
-            "step": step,
-            "score_step": pd.array([source] * len(infos), dtype="Int64"),
-        }
+    nodes = node_info(store).assign(
+        score=node_scores.astype(float),
+        in_circuit=member_nodes,
+        step=step,
+        score_step=pd.array([source] * len(member_nodes), dtype="Int64"),
     )
     keep = np.arange(len(names)) if all_edges else np.flatnonzero(member)
-    parts = [split_edge(names[i]) for i in keep]
-    edges = pd.DataFrame(
-        {
-            "edge": [names[i] for i in keep],
-            "src": [p[0] for p in parts],
-            "dst": [p[1] for p in parts],
-            "dst_node": [p[2] for p in parts],
-            "input": [p[3] for p in parts],
-            "score": edge_scores[keep].astype(float),
-            "in_circuit": member[keep],
-            "step": step,
-            "score_step": pd.array([source] * len(keep), dtype="Int64"),
-        }
+    edges = edge_info([names[i] for i in keep]).assign(
+        score=edge_scores[keep].astype(float),
+        in_circuit=member[keep],
+        step=step,
+        score_step=pd.array([source] * len(keep), dtype="Int64"),
     )
     return nodes, edges
 
@@ -463,10 +429,10 @@ def circuit_evolution(
     """`circuit_tables` at several steps, concatenated (a ``step`` column tells them apart), for
     the animated circuit figure. Default steps: at most ``max_frames`` steps evenly spread over
     the recorded ones, always including the first and the last."""
-    selected = _resolve_steps(store, None) if steps is None else [int(s) for s in steps]
-    if steps is None and len(selected) > max_frames:
-        index = np.unique(np.linspace(0, len(selected) - 1, max_frames).round().astype(int))
-        selected = [selected[i] for i in index]
+    if steps is None:
+        selected = spread(_resolve_steps(store, None), max_frames)
+    else:
+        selected = [int(s) for s in steps]
     attributed = attributed_steps(store)
     tables = [_circuit_tables(store, s, attributed, all_edges=False) for s in selected]
     nodes = pd.concat([t[0] for t in tables], ignore_index=True)

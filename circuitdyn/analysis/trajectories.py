@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from circuitdyn.analysis.dynamics import _chunks, attributed_steps, split_edge
+from circuitdyn.analysis.dynamics import _chunks, attributed_steps, edge_info
 from circuitdyn.store import RunStore
 
 
@@ -248,32 +248,26 @@ def edge_trends(
     fit_last = stats["intercept"] + stats["slope"] * stats["last_step"]
     grows = np.abs(fit_last) > np.abs(fit_first)
     direction = np.where(significant, np.where(grows, "strengthens", "weakens"), "n.s.")
-    parts = [split_edge(name) for name in names]
-    return pd.DataFrame(
-        {
-            "edge": names,
-            "src": [p[0] for p in parts],
-            "dst": [p[1] for p in parts],
-            "n_points": stats["n"].astype(np.int64),
-            "first_step": pd.array(
-                [None if np.isnan(v) else int(v) for v in stats["first_step"]], dtype="Int64"
-            ),
-            "last_step": pd.array(
-                [None if np.isnan(v) else int(v) for v in stats["last_step"]], dtype="Int64"
-            ),
-            "first_score": stats["first_score"],
-            "last_score": stats["last_score"],
-            "mean_score": stats["mean_score"],
-            "mean_abs_score": stats["mean_abs_score"],
-            "slope": stats["slope"],
-            "intercept": stats["intercept"],
-            "r": stats["r"],
-            "p_value": stats["p_value"],
-            "q_value": q,
-            "significant": significant,
-            "direction": direction,
-        }
+    return edge_info(names)[["edge", "src", "dst"]].assign(
+        n_points=stats["n"].astype(np.int64),
+        first_step=_int_or_na(stats["first_step"]),
+        last_step=_int_or_na(stats["last_step"]),
+        first_score=stats["first_score"],
+        last_score=stats["last_score"],
+        mean_score=stats["mean_score"],
+        mean_abs_score=stats["mean_abs_score"],
+        slope=stats["slope"],
+        intercept=stats["intercept"],
+        r=stats["r"],
+        p_value=stats["p_value"],
+        q_value=q,
+        significant=significant,
+        direction=direction,
     )
+
+
+def _int_or_na(values: np.ndarray) -> pd.arrays.IntegerArray:
+    return pd.array([None if np.isnan(v) else int(v) for v in values], dtype="Int64")
 
 
 def changing_edges(trends: pd.DataFrame, direction: str, top_k: int | None = None) -> pd.DataFrame:

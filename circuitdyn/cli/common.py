@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,21 @@ def check_output_dir(path: Path, *, resume: bool = False, overwrite: bool = Fals
 
 
 def check_writable(path: Path) -> None:
-    """CliError unless `path` (a file or directory to be written) can be created or written."""
+    """CliError unless files can be created at `path` (a file or directory to be written),
+    tried by creating and removing a probe file in the nearest existing folder, so that a
+    read-only place fails before any computing."""
     existing = path
     while not existing.exists():
         existing = existing.parent
-    if existing.is_file():
-        existing = existing.parent if existing != path else existing
-    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
-        raise CliError(f"cannot write to {path}: {existing} is read-only; choose another --out")
+    folder = existing if existing.is_dir() else existing.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".circuitdyn-probe-"):
+            pass
+    except OSError as error:
+        raise CliError(
+            f"cannot write to {path}: {folder} is not writable ({error.strerror}); "
+            "choose another --out"
+        ) from None
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, task: str) -> None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from circuitdyn.report import analyze_run, write_tables
 from circuitdyn.cli.common import CliError, check_writable
-from circuitdyn.report import build_report
+from circuitdyn.report import analyze_run, build_report, write_tables
 from circuitdyn.store import RunStore
 
 
