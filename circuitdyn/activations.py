@@ -153,7 +153,7 @@ def mean_activations(
     reference: Iterable[Batch],
     *,
     per_position: bool = False,
-) -> Float[Tensor, "n_src pos d_model"]:
+) -> Float[Tensor, "n_src mean_pos d_model"]:
     """Mean source activations over the real (unpadded) tokens of a reference set.
 
     Returns ``[n_src, 1, d_model]`` (one mean over all positions) or, with `per_position`,
@@ -236,16 +236,18 @@ def _mean_sources(
 class AblationRule:
     """What an edge outside the circuit carries instead of its clean source activation:
     ``values(model, graph, batch, means) -> [n_src, batch, pos, d_model]``. `needs_means`: the
-    rule reads mean activations (`mean_activations` over a reference set)."""
+    rule reads mean activations (`mean_activations` over a reference set); `needs_corrupted`: it
+    reads the batch's corrupted twins."""
 
     values: Callable[[HookedTransformer, Graph, Batch, Tensor | None], Tensor]
     needs_means: bool = False
+    needs_corrupted: bool = False
 
 
 ABLATIONS: Registry[AblationRule] = Registry("ablation")
 ABLATIONS.add(
     "corrupted",
-    AblationRule(_corrupted_sources),
+    AblationRule(_corrupted_sources, needs_corrupted=True),
     help="the source's activation on the corrupted twin of the prompt",
 )
 ABLATIONS.add(
@@ -261,7 +263,7 @@ def ablated_sources(
     graph: Graph,
     batch: Batch,
     ablation: str,
-    means: Float[Tensor, "n_src pos d_model"] | None = None,
+    means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
 ) -> Float[Tensor, "n_src batch pos d_model"]:
     """What each source carries when ablated (an `ABLATIONS` name), for every example and
     position of `batch`."""

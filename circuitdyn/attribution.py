@@ -221,7 +221,7 @@ def attribute(
     steps: int = 5,
     reference: Iterable[Batch] | None = None,
     per_position: bool = False,
-    means: Float[Tensor, "n_src pos d_model"] | None = None,
+    means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
     positions: PositionFilter | None = None,
     progress: bool = False,
 ) -> Scores:
@@ -274,6 +274,7 @@ def attribute(
         "method": method,
         "ablation": ablation,
         "n_examples": n_examples,
+        "d_model": model.cfg.d_model,  # EAP-IG's graph files need it
         "steps": steps if method == "eap-ig" else None,
         "per_position": per_position if ABLATIONS[ablation].needs_means else None,
     }

@@ -31,11 +31,9 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from circuitdyn import interop
 from circuitdyn.graph import QKV, Graph
 from circuitdyn.scores import Scores
-
-_FORMAT = "circuitdyn.circuit"
-_FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,49 +348,85 @@ class Circuit:
         )
 
     # ---- I/O --------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: format marker, graph shape, edge names (and node names, informative)."""
+    # Files are EAP-IG / MIB graph files (layout: `circuitdyn.interop`): a circuit is the set of
+    # edges with ``in_graph`` true; with `scores`, the file also carries every edge's score, as
+    # EAP-IG's own files do. Version-1 circuitdyn files (``"format": "circuitdyn.circuit"``,
+    # ``edges`` a list of names) are still read.
+    def to_dict(
+        self, scores: Scores | None = None, *, d_model: int | None = None
+    ) -> dict[str, Any]:
+        """The EAP-IG JSON payload of this circuit: ``cfg``, ``nodes`` (name -> ``{"in_graph"}``,
+        plus ``"score"`` with `scores`), ``edges`` (name -> ``{"score", "in_graph"}``; score 0.0
+        without `scores`). `d_model` defaults to ``scores.meta["d_model"]`` (0 when unknown)."""
+        return interop.to_json_dict(self.graph, in_graph=self.mask, **self._extras(scores, d_model))
+
+    def to_json(
+        self, path: str | Path, scores: Scores | None = None, *, d_model: int | None = None
+    ) -> None:
+        """Write `to_dict` as JSON: a file EAP-IG's ``Graph.from_json`` loads with this circuit's
+        edges ``in_graph`` (and, with `scores`, their scores)."""
+        interop.write_json(path, self.graph, in_graph=self.mask, **self._extras(scores, d_model))
+
+    def to_pt(
+        self, path: str | Path, scores: Scores | None = None, *, d_model: int | None = None
+    ) -> None:
+        """Write the circuit (and `scores`) in EAP-IG's ``.pt`` layout (``Graph.from_pt``)."""
+        interop.write_pt(path, self.graph, in_graph=self.mask, **self._extras(scores, d_model))
+
+    def _extras(self, scores: Scores | None, d_model: int | None) -> dict[str, Any]:
+        if scores is None:
+            return {"scores": None, "d_model": d_model, "meta": None}
+        if not isinstance(scores, Scores):
+            raise TypeError(f"scores must be circuitdyn Scores, got {type(scores).__name__}")
+        if scores.graph != self.graph:
+            raise ValueError(f"scores are over {scores.graph}, the circuit over {self.graph}")
         return {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
-            "cfg": {
-                "n_layers": self.graph.n_layers,
-                "n_heads": self.graph.n_heads,
-                "has_mlp": self.graph.has_mlp,
-            },
-            "edges": list(self.edges),
-            "nodes": list(self.nodes),
+            "scores": scores.edges,
+            "d_model": scores.d_model if d_model is None else d_model,
+            "meta": scores.meta,
         }
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> Circuit:
-        """Inverse of `to_dict`. Also reads EAP-IG / MIB graph files (``cfg`` with ``attn_only``,
-        ``edges`` a mapping name -> ``{"in_graph": bool, ...}``)."""
+    def from_dict(cls, payload: dict[str, Any], *, graph: Graph | None = None) -> Circuit:
+        """Inverse of `to_dict`: the edges with ``in_graph`` true of an EAP-IG / MIB payload
+        (``nodes`` may be left out), or the edges of a version-1 circuitdyn payload. With `graph`,
+        the payload must be of that graph. ValueError names what is wrong."""
+        if isinstance(payload, dict) and isinstance(payload.get("edges"), list):
+            return cls._from_v1(payload, graph)
+        return cls._from_file(interop.from_json_dict(payload, graph=graph))
+
+    @classmethod
+    def from_json(cls, path: str | Path, *, graph: Graph | None = None) -> Circuit:
+        """The circuit of an EAP-IG / MIB JSON graph file (or a circuitdyn one)."""
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not JSON: {error}") from None
+        if isinstance(payload, dict) and isinstance(payload.get("edges"), list):
+            return cls._from_v1(payload, graph)
+        return cls._from_file(interop.from_json_dict(payload, source=str(path), graph=graph))
+
+    @classmethod
+    def from_pt(cls, path: str | Path, *, graph: Graph | None = None) -> Circuit:
+        """The circuit of an EAP-IG ``.pt`` graph file (read with ``weights_only=True``)."""
+        return cls._from_file(interop.read_pt(path, graph=graph))
+
+    @classmethod
+    def _from_file(cls, data: interop.EapGraph) -> Circuit:
+        return cls(data.graph, data.in_graph)
+
+    @classmethod
+    def _from_v1(cls, payload: dict[str, Any], graph: Graph | None) -> Circuit:
         try:
             cfg = payload["cfg"]
             has_mlp = cfg["has_mlp"] if "has_mlp" in cfg else not cfg.get("attn_only", False)
-            if cfg.get("parallel_attn_mlp", False):
-                raise ValueError("parallel attention+MLP graphs are not supported")
-            graph = Graph(int(cfg["n_layers"]), int(cfg["n_heads"]), has_mlp=bool(has_mlp))
-            edges = payload["edges"]
-            if isinstance(edges, dict):  # EAP-IG / MIB layout
-                names = [name for name, entry in edges.items() if entry.get("in_graph", False)]
-            else:
-                names = list(edges)
-        except (KeyError, TypeError, AttributeError) as error:
+            loaded = Graph(int(cfg["n_layers"]), int(cfg["n_heads"]), has_mlp=bool(has_mlp))
+            names = [str(name) for name in payload["edges"]]
+        except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a circuit file: missing or malformed field {error}") from None
-        return cls.from_edges(graph, names)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Circuit:
-        try:
-            payload = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not JSON: {error}") from None
-        return cls.from_dict(payload)
+        if graph is not None and loaded != graph:
+            raise ValueError(f"a circuit of {loaded}, but {graph} was expected")
+        return cls.from_edges(loaded, names)
 
     def __repr__(self) -> str:
         return (

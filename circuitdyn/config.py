@@ -24,6 +24,7 @@ from circuitdyn.tasks import TASKS
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 SCORE_DTYPES = ("float16", "float32")
+SCORE_POSITIONS = ("all", "read")
 
 
 def _option(default: Any, help: str, *, choices: Any = None) -> Any:
@@ -49,7 +50,15 @@ class TuningConfig:
     research_every: int = _option(1, "K: re-search the circuit every K steps (strategy circuit)")
     record_every: int = _option(1, "attribute every this many steps for the other strategies")
     method: str = _option("eap", "attribution method", choices=METHODS)
-    ablation: str = _option("corrupted", "what an ablated edge carries", choices=ABLATIONS)
+    ablation: str | None = _option(
+        None, "what an ablated edge carries (none: the task's default)", choices=ABLATIONS
+    )
+    score_positions: str = _option(
+        "all",
+        "positions whose activations are ablated and scored: all, or only the read positions "
+        "(the position before each verb, as the paper)",
+        choices=SCORE_POSITIONS,
+    )
     ig_steps: int = _option(5, "integrated-gradient steps (method eap-ig)")
     policy: str = _option("nodes", "parameters that belong to no node", choices=POLICIES)
     steps: int = _option(300, "optimizer steps")
@@ -71,6 +80,8 @@ class TuningConfig:
     seed: int = _option(0, "seed of data order, random circuits and initial RNG state")
 
     def __post_init__(self) -> None:
+        if self.ablation is None:
+            self.ablation = TASKS[self.task].default_ablation
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -108,6 +119,8 @@ class TuningConfig:
         if unknown:
             raise ValueError(f"unknown TuningConfig fields {sorted(unknown)}")
         payload = dict(payload)
+        if "betas" in payload:  # JSON has no tuples
+            payload["betas"] = tuple(payload["betas"])
         if isinstance(payload.get("policy"), dict):  # runs saved before policies had names
             policy = ParameterPolicy(**payload["policy"])
             names = [name for name in POLICIES if POLICIES[name] == policy]
@@ -135,4 +148,4 @@ class TuningConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "SCORE_DTYPES", "TuningConfig"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "SCORE_DTYPES", "SCORE_POSITIONS", "TuningConfig"]

@@ -74,7 +74,7 @@ def run_with_circuit(
     circuit: Circuit,
     batch: Batch,
     ablation: str = "corrupted",
-    means: Float[Tensor, "n_src pos d_model"] | None = None,
+    means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits of `batch.clean` with every edge outside `circuit` ablated (no gradients).
 
@@ -119,7 +119,7 @@ def evaluate_circuits(
     metric: Metric = logit_diff,
     *,
     ablation: str = "corrupted",
-    means: Float[Tensor, "n_src pos d_model"] | None = None,
+    means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
     reference: Iterable[Batch] | None = None,
     per_position: bool = False,
 ) -> CircuitMetrics:
@@ -158,7 +158,9 @@ def evaluate_circuits(
         with torch.no_grad():
             full = _values(metric(model(batch.clean), batch), batch, "the full model")
         empty = _values(
-            metric(_run(model, graph, batch, ablated, all_ablated), batch), batch, "the empty circuit"
+            metric(_run(model, graph, batch, ablated, all_ablated), batch),
+            batch,
+            "the empty circuit",
         )
         full_values.append(full)
         empty_values.append(empty)
@@ -264,7 +266,7 @@ def faithfulness(
     metric: Metric = logit_diff,
     *,
     ablation: str = "corrupted",
-    means: Float[Tensor, "n_src pos d_model"] | None = None,
+    means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
     reference: Iterable[Batch] | None = None,
     per_position: bool = False,
 ) -> Faithfulness:
@@ -299,7 +301,7 @@ def faithfulness_curve(
     selection: str = "top_edges",
     absolute: bool = True,
     prune: bool = True,
-    means: Float[Tensor, "n_src pos d_model"] | None = None,
+    means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
     reference: Iterable[Batch] | None = None,
     per_position: bool = False,
 ) -> pd.DataFrame:

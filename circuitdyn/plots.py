@@ -23,7 +23,6 @@ Figures:
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from circuitdyn.graph import parse_node
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ ROLE_LABELS = {
     "uniform_baseline": "uniform attention baseline (probability)",
 }
 
-_HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
-_MLP = re.compile(r"^m(\d+)$")
+FINAL_METRICS = ("dev_metric", "dev_accuracy", "general_loss", "faithfulness")
+"""The metrics of a final evaluation shown side by side (`final_metrics_bars`)."""
+
 _INPUT_OFFSET = {"q": 0.22, "k": 0.0, "v": -0.22, "": 0.0}
 
 
@@ -93,6 +95,26 @@ def _finish(
     return fig
 
 
+def _right_axis_line(
+    fig: go.Figure,
+    table: pd.DataFrame,
+    x: str,
+    y: str,
+    name: str,
+    unit: str,
+    mode: str = "lines+markers",
+) -> None:
+    """A grey dashed line of ``table[y]`` on the right axis of a secondary-y figure, titled
+    ``name (unit)``, when the column is there with any value."""
+    if y not in table.columns or not table[y].notna().any():
+        return
+    line = {"color": "#777", "dash": "dash"}
+    fig.add_trace(
+        go.Scatter(x=table[x], y=table[y], mode=mode, name=name, line=line), secondary_y=True
+    )
+    fig.update_yaxes(title_text=f"{name} ({unit})", secondary_y=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # the circuit as a layered graph
 # ---------------------------------------------------------------------------------------------
@@ -100,23 +122,20 @@ def node_positions(node_names: Sequence[str]) -> pd.DataFrame:
     """Layout of the layered graph: ``node``, ``x`` (column: input 0, heads of layer L 2L+1, MLP
     of layer L 2L+2, logits 2 * n_layers + 1), ``y`` (heads spread around 0 by head index,
     everything else at 0), ``column`` (the tick label of x)."""
-    layers = [int(m.group(1)) for n in node_names for m in [_HEAD.match(n) or _MLP.match(n)] if m]
-    n_layers = 1 + max(layers, default=-1)
-    heads = [int(m.group(2)) for n in node_names for m in [_HEAD.match(n)] if m]
-    n_heads = 1 + max(heads, default=0)
+    infos = [parse_node(name) for name in node_names]
+    n_layers = 1 + max((i.layer for i in infos if i.layer is not None), default=-1)
+    n_heads = 1 + max((i.head for i in infos if i.head is not None), default=0)
     rows = []
-    for name in node_names:
-        head, mlp = _HEAD.match(name), _MLP.match(name)
-        if head:
-            layer, h = int(head.group(1)), int(head.group(2))
-            rows.append((name, 2 * layer + 1, h - (n_heads - 1) / 2, f"L{layer} heads"))
-        elif mlp:
-            layer = int(mlp.group(1))
-            rows.append((name, 2 * layer + 2, 0.0, f"L{layer} MLP"))
-        elif name == "input":
-            rows.append((name, 0, 0.0, "input"))
+    for info in infos:
+        if info.kind == "head":
+            y = info.head - (n_heads - 1) / 2
+            rows.append((info.name, 2 * info.layer + 1, y, f"L{info.layer} heads"))
+        elif info.kind == "mlp":
+            rows.append((info.name, 2 * info.layer + 2, 0.0, f"L{info.layer} MLP"))
+        elif info.kind == "input":
+            rows.append((info.name, 0, 0.0, "input"))
         else:
-            rows.append((name, 2 * n_layers + 1, 0.0, name))
+            rows.append((info.name, 2 * n_layers + 1, 0.0, info.name))
     return pd.DataFrame(rows, columns=["node", "x", "y", "column"])
 
 
@@ -466,18 +485,7 @@ def size_figure(sizes: pd.DataFrame, *, title: str = "Circuit size") -> go.Figur
             ),
             secondary_y=False,
         )
-    if "n_tunable" in sizes.columns and sizes["n_tunable"].notna().any():
-        fig.add_trace(
-            go.Scatter(
-                x=sizes["step"],
-                y=sizes["n_tunable"],
-                mode="lines",
-                name="tunable parameters",
-                line={"color": "#777", "dash": "dash"},
-            ),
-            secondary_y=True,
-        )
-        fig.update_yaxes(title_text="tunable parameters (count)", secondary_y=True)
+    _right_axis_line(fig, sizes, "step", "n_tunable", "tunable parameters", "count", "lines")
     fig.update_yaxes(title_text="edges / nodes / heads (count)", secondary_y=False)
     return _finish(fig, title, "training step (update index)")
 
@@ -809,18 +817,7 @@ def intrinsic_dimension_figure(
         go.Scatter(x=curve["top_n"], y=curve[metric], mode="lines+markers", name=_label(metric)),
         secondary_y=False,
     )
-    if "general_loss" in curve.columns and curve["general_loss"].notna().any():
-        fig.add_trace(
-            go.Scatter(
-                x=curve["top_n"],
-                y=curve["general_loss"],
-                mode="lines+markers",
-                name=_label("general_loss"),
-                line={"dash": "dash", "color": "#777"},
-            ),
-            secondary_y=True,
-        )
-        fig.update_yaxes(title_text=_label("general_loss"), secondary_y=True)
+    _right_axis_line(fig, curve, "top_n", "general_loss", "general LM loss", "nats/token")
     if threshold is not None and np.isfinite(threshold):
         fig.add_hline(
             y=threshold,
@@ -945,7 +942,7 @@ def strategy_curves_figure(
 
 def final_metrics_bars(
     finals: pd.DataFrame,
-    metrics: Sequence[str] = ("dev_metric", "dev_accuracy", "general_loss", "faithfulness"),
+    metrics: Sequence[str] = FINAL_METRICS,
     *,
     title: str = "Final evaluation per run",
 ) -> go.Figure:
@@ -1033,6 +1030,19 @@ def _palette() -> list[str]:
 _STATIC_PROBLEM: str | None = None  # why static export failed once (then it is not retried)
 
 
+def _static_export_errors() -> tuple[type[BaseException], ...]:
+    """What a static export raises when it cannot be done here: RuntimeError (plotly: kaleido
+    missing or no Chrome found; choreographer: the browser failed to start or closed; kaleido: a
+    JavaScript error), kaleido's KaleidoError and the devtools protocol's error, the browser
+    pipe closing (ChannelClosedError) and a render timeout (TimeoutError)."""
+    try:
+        from choreographer.errors import ChannelClosedError, DevtoolsProtocolError
+        from kaleido.errors import KaleidoError
+    except ImportError:  # no kaleido: plotly raises RuntimeError
+        return (RuntimeError,)
+    return (RuntimeError, KaleidoError, DevtoolsProtocolError, ChannelClosedError, TimeoutError)
+
+
 def static_export_available() -> bool:
     """Whether PNG/SVG export can be attempted (kaleido importable, no earlier failure)."""
     if _STATIC_PROBLEM is not None:
@@ -1070,11 +1080,9 @@ def save_figure(
         if _STATIC_PROBLEM is not None:
             continue
         try:
-            import kaleido  # noqa: F401
-
             fig.write_image(path)
             written.append(path)
-        except Exception as error:  # kaleido missing, no Chromium, or a renderer failure
+        except _static_export_errors() as error:
             _STATIC_PROBLEM = f"{type(error).__name__}: {error}".splitlines()[0]
             message = (
                 f"static figure export ({fmt}) is unavailable ({_STATIC_PROBLEM}); keeping HTML "

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from circuitdyn import analysis as A
 from circuitdyn import plots
+from circuitdyn.activations import ABLATIONS, mean_activations
 from circuitdyn.analysis import compare as compare_analysis
 from circuitdyn.attribution import attribute
 from circuitdyn.circuit import Circuit
@@ -43,7 +44,7 @@ from circuitdyn.models import load_model
 from circuitdyn.report import build_report
 from circuitdyn.selection import select
 from circuitdyn.store import RunStore
-from circuitdyn.tasks import load_task
+from circuitdyn.tasks import TASKS, load_task
 from circuitdyn.tasks.base import take_examples
 from circuitdyn.tuning import tune
 
@@ -177,9 +178,10 @@ def run_all(plan: dict[str, TuningConfig], runs_dir: Path, workers: int, progres
 
 
 def agreement_circuit(
-    model, task, protocol: Protocol, out: Path
+    model, task, protocol: Protocol, out: Path, ablation: str | None = None
 ) -> tuple[Circuit, pd.DataFrame, dict[str, float]]:
-    """The agreement circuit of the untuned model, its faithfulness curve, CPR and CMD."""
+    """The agreement circuit of the untuned model, its faithfulness curve, CPR and CMD, with
+    `ablation` (default: the task's)."""
     graph = Graph.from_model(model)
     data = list(
         take_examples(task.batches("dev", protocol.batch_size, seed=0), protocol.n_attribution)
@@ -187,11 +189,27 @@ def agreement_circuit(
     test = list(
         take_examples(task.batches("test", protocol.batch_size, seed=0), protocol.n_attribution)
     )
-    scores = attribute(model, graph, data, task.metric, method="eap-ig", steps=protocol.ig_steps)
+    ablation = ablation or TASKS[task.name].default_ablation
+    means = None
+    if ABLATIONS[ablation].needs_means:  # averaged over the train split, never the scored data
+        reference = take_examples(task.batches("train", protocol.batch_size, seed=0), 256)
+        means = mean_activations(model, graph, reference)
+    scores = attribute(
+        model,
+        graph,
+        data,
+        task.metric,
+        method="eap-ig",
+        steps=protocol.ig_steps,
+        ablation=ablation,
+        means=means,
+    )
     circuit = select(scores, protocol.top_n, "top_edges").circuit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        curve = faithfulness_curve(model, graph, scores, test, task.metric)
+        curve = faithfulness_curve(
+            model, graph, scores, test, task.metric, ablation=ablation, means=means
+        )
     numbers = {
         "cpr": cpr(curve),
         "cmd": cmd(curve),
@@ -200,7 +218,7 @@ def agreement_circuit(
     }
     out.mkdir(parents=True, exist_ok=True)
     scores.to_json(out / "scores.json")
-    circuit.to_json(out / "circuit.json")
+    circuit.to_json(out / "circuit.json", scores)  # EAP-IG / MIB graph JSON
     curve.to_csv(out / "faithfulness_curve.csv", index=False)
     (out / "numbers.json").write_text(json.dumps(numbers, indent=2))
     return circuit, curve, numbers
@@ -323,7 +341,8 @@ def replicate(
 
     the_model = load_model(model)
     n_params = sum(p.numel() for p in the_model.parameters())
-    task = load_task(agreement_task[0], the_model, **agreement_task[1])
+    twins = ABLATIONS[TASKS[task_name].default_ablation].needs_corrupted
+    task = load_task(agreement_task[0], the_model, twins=twins, **agreement_task[1])
     agreement, curve, faith = agreement_circuit(the_model, task, protocol, out / "agreement")
 
     plan = run_plan(protocol, model, task_name, train_options)

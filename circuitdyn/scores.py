@@ -1,8 +1,10 @@
-"""`Scores`: signed edge (and derived node) scores over a `Graph`, with JSON and safetensors I/O.
+"""`Scores`: signed edge (and derived node) scores over a `Graph`, with JSON, ``.pt`` and
+safetensors I/O.
 
-The JSON layout follows EAP-IG / MIB (``cfg``, ``nodes``, ``edges`` with ``score`` and
-``in_graph`` per edge) so files can be compared with that ecosystem; circuitdyn adds ``meta``
-(method, ablation, number of examples, ...) and ``node_scores``.
+JSON and ``.pt`` files are EAP-IG / MIB graph files (see `circuitdyn.interop` for the layout), so
+EAP-IG's ``Graph.from_json`` / ``from_pt`` and MIB's circuit track read them; circuitdyn adds
+``meta`` (method, ablation, number of examples, ...). safetensors files (`save` / `load`) hold
+the dense tensors with the graph shape and meta in the header.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from circuitdyn import interop
 from circuitdyn.graph import Graph
 
 
@@ -64,38 +67,44 @@ class Scores:
         return self.edges[self.graph.edge_valid]
 
     # ---- I/O ------------------------------------------------------------------------------
-    def to_json(self, path: str | Path) -> None:
-        """Write edge and node scores by name (EAP-IG/MIB field names)."""
-        graph = self.graph
-        payload = {
-            "cfg": {
-                "n_layers": graph.n_layers,
-                "n_heads": graph.n_heads,
-                "parallel_attn_mlp": False,
-                "attn_only": not graph.has_mlp,
-            },
-            "nodes": {name: True for name in graph.node_names},
-            "node_scores": dict(zip(graph.node_names, self.nodes.tolist(), strict=True)),
-            "edges": {
-                name: {"score": score, "in_graph": True}
-                for name, score in zip(graph.edge_names, self.flat().tolist(), strict=True)
-            },
-            "meta": self.meta,
-        }
-        Path(path).write_text(json.dumps(payload))
+    @property
+    def d_model(self) -> int | None:
+        """The model width, when `meta` records it (``meta["d_model"]``); EAP-IG files carry it."""
+        value = self.meta.get("d_model")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def to_json(self, path: str | Path, *, d_model: int | None = None) -> None:
+        """Write the scores as an EAP-IG / MIB graph file (`circuitdyn.interop`): ``cfg``,
+        ``nodes`` (name -> ``{"in_graph", "score"}``), ``edges`` (name -> ``{"score",
+        "in_graph"}``, every edge in: the full model) and circuitdyn's ``meta``. `d_model`
+        defaults to ``meta["d_model"]`` (0, "not recorded", when absent)."""
+        interop.write_json(path, self.graph, scores=self.edges, **self._extras(d_model))
+
+    def to_pt(self, path: str | Path, *, d_model: int | None = None) -> None:
+        """Write the scores in EAP-IG's ``.pt`` layout (``src_nodes``, ``dst_nodes``,
+        ``edges_scores``, ``edges_in_graph``, ``nodes_in_graph``, ``nodes_scores``)."""
+        interop.write_pt(path, self.graph, scores=self.edges, **self._extras(d_model))
+
+    def _extras(self, d_model: int | None) -> dict[str, Any]:
+        return {"d_model": self.d_model if d_model is None else d_model, "meta": self.meta}
 
     @classmethod
-    def from_json(cls, path: str | Path) -> Scores:
-        try:
-            payload = json.loads(Path(path).read_text())
-            cfg = payload["cfg"]
-            graph = Graph(cfg["n_layers"], cfg["n_heads"], has_mlp=not cfg.get("attn_only", False))
-            edges = torch.zeros(graph.n_src, graph.n_dst)
-            for name, entry in payload["edges"].items():
-                edges[graph.edge_index(name)] = float(entry["score"])
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a circuitdyn/EAP-IG scores file: {error}") from None
-        return cls(graph, edges, payload.get("meta", {}))
+    def from_json(cls, path: str | Path, *, graph: Graph | None = None) -> Scores:
+        """Edge scores of an EAP-IG / MIB JSON graph file, or of one circuitdyn wrote. With
+        `graph`, the file must be of that graph. ValueError names what is wrong."""
+        return cls._from_file(interop.read_json(path, graph=graph))
+
+    @classmethod
+    def from_pt(cls, path: str | Path, *, graph: Graph | None = None) -> Scores:
+        """Edge scores of an EAP-IG ``.pt`` graph file (read with ``weights_only=True``)."""
+        return cls._from_file(interop.read_pt(path, graph=graph))
+
+    @classmethod
+    def _from_file(cls, data: interop.EapGraph) -> Scores:
+        meta = dict(data.meta)
+        if data.d_model is not None:
+            meta.setdefault("d_model", data.d_model)
+        return cls(data.graph, data.scores, meta)
 
     def save(self, path: str | Path) -> None:
         """Dense tensors as safetensors (graph shape and meta in the header)."""

@@ -35,7 +35,9 @@ repairs what a killed writer left: it removes temporary files, finishes a pendin
 rewrites ``metrics.jsonl`` from the snapshots if it disagrees with them, and cuts a torn last
 line from ``evals.jsonl``, so the next line starts clean. A SIGKILL at any moment therefore loses
 at most the step being written; as the tensor files, evals.jsonl and the directory entries are
-fsynced before a call returns, so does a power cut.
+fsynced before a call returns, so does a power cut. Damage the commit rule cannot prevent (a
+failing disk, a file copied in part or edited by hand) is found by `RunStore.verify`, which reads
+every tensor file in full, and cleared by `RunStore.remove_damaged`.
 
 It knows nothing of models or trainers and takes plain lists and tensors; its typed views
 `RunStore.graph` and `RunStore.config` rebuild the run's `Graph` and `TuningConfig`, so readers

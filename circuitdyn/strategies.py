@@ -23,7 +23,8 @@ from circuitdyn.graph import Graph
 from circuitdyn.ownership import ParameterPolicy, count_tunable
 from circuitdyn.registry import Registry
 
-FirstCircuit = Callable[[HookedTransformer, Circuit, ParameterPolicy, int], Circuit | None]
+Policy = ParameterPolicy | str | None  # an object or a `POLICIES` name
+FirstCircuit = Callable[[HookedTransformer, Circuit, Policy, int], Circuit | None]
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,16 @@ class TuningStrategy:
     first: FirstCircuit
 
 
-def _selected(model: HookedTransformer, selected: Circuit, policy, seed: int) -> Circuit:
+def _selected(model: HookedTransformer, selected: Circuit, policy: Policy, seed: int) -> Circuit:
     return selected
 
 
-def _everything(model: HookedTransformer, selected: Circuit, policy, seed: int) -> None:
+def _everything(model: HookedTransformer, selected: Circuit, policy: Policy, seed: int) -> None:
     return None
 
 
 def random_circuit(
-    model: HookedTransformer, graph: Graph, target: int, policy: ParameterPolicy, seed: int
+    model: HookedTransformer, graph: Graph, target: int, policy: Policy, seed: int
 ) -> Circuit:
     """A seeded random set of heads and MLPs whose tunable parameters add up to at most
     `target` and as close to it as the random order allows (nodes are taken in random order,
@@ -64,7 +65,7 @@ def random_circuit(
 
 
 def _random_matched(
-    model: HookedTransformer, selected: Circuit, policy: ParameterPolicy, seed: int
+    model: HookedTransformer, selected: Circuit, policy: Policy, seed: int
 ) -> Circuit:
     target = count_tunable(model, selected, policy)
     return random_circuit(model, selected.graph, target, policy, seed)

@@ -59,7 +59,7 @@ from circuitdyn.selection import SELECTIONS, select
 from circuitdyn.store import RunStore, flatten_state, strip_prefix, unflatten_state
 from circuitdyn.strategies import STRATEGIES
 from circuitdyn.tasks import general_task, load_task
-from circuitdyn.tasks.base import Batch, Task, accuracy, take_examples
+from circuitdyn.tasks.base import Batch, Task, accuracy, read_positions, take_examples
 
 
 def train_stream(task: Task, batch_size: int, seed: int) -> Iterator[Batch]:
@@ -109,6 +109,7 @@ class _Run:
         self.tuned: Circuit | None = None  # what the updates tune (None: every parameter)
         self.record: Circuit | None = None  # latest circuit selected (for the record)
         self.n_selected = 0  # the n of the latest selection, after clamping
+        self.positions = read_positions if config.score_positions == "read" else None
         self.means = None
         if ABLATIONS[config.ablation].needs_means:
             reference = islice(task.batches("train", config.batch_size, seed=config.seed), 8)
@@ -156,6 +157,7 @@ class _Run:
                 ablation=c.ablation,
                 steps=c.ig_steps,
                 means=self.means,
+                positions=self.positions,
             )
         summed = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.float64)
         totals = {"loss": 0.0, "metric": 0.0, "accuracy": 0.0}
@@ -164,7 +166,13 @@ class _Run:
             if shared:
                 ablated = ablated_sources(model, graph, batch, c.ablation, self.means)
                 part, logits, loss = eap_with_loss(
-                    model, graph, batch, self.task.metric, self.task.loss, ablated
+                    model,
+                    graph,
+                    batch,
+                    self.task.metric,
+                    self.task.loss,
+                    ablated,
+                    None if self.positions is None else self.positions(batch),
                 )
                 summed += part.detach().double().cpu()
             else:
@@ -326,7 +334,8 @@ def tune(
     if model is None:
         model = load_model(config.model)
     model.train()
-    task = load_task(config.task, model, seed=config.seed, **config.task_options)
+    needs_twins = ABLATIONS[config.ablation].needs_corrupted
+    task = load_task(config.task, model, seed=config.seed, twins=needs_twins, **config.task_options)
     general = general_task(config.task, model, seed=config.seed, **config.task_options)
     graph = Graph.from_model(model)
     n_max = SELECTIONS[config.selection].n_max(graph)
@@ -345,6 +354,7 @@ def tune(
         "model_name": config.model if given is None else None,
         "model_config": json.loads(json.dumps(model.cfg.to_dict(), default=str)),
         "snapshot_semantics": "scores on the step's batch with parameters before the step's update",
+        **data_notes(task, config.ablation),
     }
     if resume and (out / "manifest.json").exists():
         store = RunStore.open(out)
@@ -394,6 +404,29 @@ def tune(
     final.update(run.evaluate(config.steps, split="test"))
     store.close()
     return RunSummary(out, config.strategy, config.steps, final)
+
+
+def data_notes(task: Task, ablation: str) -> dict[str, Any]:
+    """What a run should record about its data: the rows a file-based task used and skipped,
+    and, for corrupted ablation, the fraction of read positions that cannot score (their clean
+    and corrupted prefixes are identical); warns when that fraction is large."""
+    notes: dict[str, Any] = {}
+    report = getattr(task, "report", None)
+    if report is not None:
+        notes["data_rows"] = report.to_dict()
+    if ABLATIONS[ablation].needs_corrupted and hasattr(task, "identical_prefix_fraction"):
+        blind = task.identical_prefix_fraction("train")
+        notes["identical_prefix_fraction"] = blind
+        if blind > BLIND_WARNING:
+            warnings.warn(
+                f"corrupted ablation: {blind:.0%} of the read positions have identical clean and "
+                "corrupted prefixes and score exactly zero; mean ablation sees them all",
+                stacklevel=3,
+            )
+    return notes
+
+
+BLIND_WARNING = 0.25  # warn when more than this share of read positions cannot score
 
 
 def _resume_point(run: _Run) -> int:

@@ -15,7 +15,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from circuitdyn import analysis as A
 from circuitdyn.analysis import dynamics, heads, trajectories, weights
 from circuitdyn.graph import Graph
-from circuitdyn.store import RunStore
+from circuitdyn.store import RunStore, StoreError
 
 GRAPH = Graph(n_layers=2, n_heads=2)
 
@@ -173,12 +173,25 @@ def test_circuit_tables_fall_back_to_last_scores(store):
     assert A.attributed_steps(store) == [0, 1, 2]
 
 
-def test_parse_node():
-    assert A.parse_node("a3.h11<q>") == dynamics.NodeInfo("a3.h11", "head", 3, 11)
-    assert A.parse_node("m2").kind == "mlp"
-    assert A.parse_node("logits").layer is None
-    with pytest.raises(ValueError):
-        A.parse_node("blocks.0")
+def test_node_and_edge_info(store):
+    info = A.node_info(store).set_index("node")
+    assert info.index.tolist() == list(GRAPH.node_names)
+    assert info.loc["a1.h0", ["kind", "layer", "head"]].tolist() == ["head", 1, 0]
+    assert info.loc["m1", "kind"] == "mlp" and pd.isna(info.loc["m1", "head"])
+    assert pd.isna(info.loc["logits", "layer"])
+    edges = A.edge_info(["a0.h1->a1.h0<k>", "m0->logits"])
+    assert edges.values.tolist() == [
+        ["a0.h1->a1.h0<k>", "a0.h1", "a1.h0<k>", "a1.h0", "k"],
+        ["m0->logits", "m0", "logits", "logits", ""],
+    ]
+
+
+def test_jaccard_and_spread():
+    a = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=bool)
+    b = np.array([[0, 1, 1, 0], [0, 0, 0, 0]], dtype=bool)
+    np.testing.assert_allclose(A.jaccard(a, b), [1 / 3, 1.0])  # empty vs empty: 1
+    assert A.jaccard(a, b, axis=(0, 1)) == pytest.approx(1 / 3)
+    assert A.spread(range(10), 4) == [0, 3, 6, 9] and A.spread([5, 7], 4) == [5, 7]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,14 +305,25 @@ def test_final_evals_and_intrinsic_dimension(tmp_path):
             tmp_path / f"run{n}",
             manifest={"config": {"strategy": "circuit", "top_n": n, "steps": 4}},
         )
+        # As circuitdyn.tuning logs them: dev and test as separate records at 0 and at steps.
         s.log_eval(0, {"dev_metric": -1.0, "general_loss": 5.0})
+        s.log_eval(0, {"test_metric": -2.0})
         s.log_eval(2, {"dev_metric": 0.0, "general_loss": 5.0})
         s.log_eval(4, {"dev_metric": final, "general_loss": 4.0 + n / 100})
+        s.log_eval(4, {"test_metric": final / 2})
         stores.append(s)
+    merged = A.evals_by_step(stores[0])
+    assert merged["step"].tolist() == [0, 2, 4]
+    np.testing.assert_allclose(
+        merged[["dev_metric", "general_loss", "test_metric"]],
+        [[-1.0, 5.0, -2.0], [0.0, 5.0, np.nan], [1.0, 4.02, 0.5]],
+    )
     finals = A.final_evals(stores)
     assert finals["dev_metric"].tolist() == [1.0, 2.6, 2.9, 3.0]
+    assert finals["test_metric"].tolist() == [0.5, 1.3, 1.45, 1.5]
     assert finals["final_step"].tolist() == [4, 4, 4, 4]
     assert finals["initial_dev_metric"].tolist() == [-1.0] * 4
+    assert finals["initial_test_metric"].tolist() == [-2.0] * 4
     assert finals["run"].iloc[0] == "run2 (circuit, n=2)"
     idim = A.intrinsic_dimension(finals)
     # threshold = -1 + 0.9 * (3 - (-1)) = 2.6: first reached at n = 4.
@@ -308,6 +332,40 @@ def test_final_evals_and_intrinsic_dimension(tmp_path):
     assert A.intrinsic_dimension(finals, baseline=None).saturation_n == 8  # 0.9 * 3 = 2.7
     curves = A.strategy_curves(stores)
     assert len(curves) == 12 and set(curves["top_n"]) == {2, 4, 8, 16}
+
+
+def test_run_progress(tmp_path):
+    config = {"strategy": "circuit", "top_n": 4, "steps": 4}
+    finished = make_store(tmp_path / "finished", manifest={"config": config})
+    finished.log_eval(4, {"dev_metric": 1.0})
+    assert A.run_progress(finished) == A.RunProgress(0, 3, 4, True)
+    assert A.run_progress(finished).status == "finished" and A.run_progress(finished).note() is None
+    killed = make_store(tmp_path / "killed", {0: CIRCUITS[0], 1: CIRCUITS[1]}, {"config": config})
+    killed.log_eval(0, {"dev_metric": 0.0})
+    progress = A.run_progress(killed)
+    assert (progress.status, progress.last_step, progress.planned_steps) == ("partial", 1, 4)
+    assert progress.note().startswith("partial run: steps 0..1 of 4 recorded")
+    assert A.final_evals([killed])["final_step"].tolist() == [0]
+
+
+def test_run_without_tuning_config(tmp_path):
+    """A store made by hand: analysable, labelled by its directory, its progress unknown."""
+    from circuitdyn.analysis.pipeline import analyze_run
+
+    bare = make_store(tmp_path / "bare", manifest={"kind": "test"})
+    bare.log_eval(3, {"dev_metric": 2.0})
+    assert A.tuning_config(bare) is None and A.run_label(bare) == "bare"
+    assert A.run_progress(bare).status == "unknown" and A.run_progress(bare).note() is None
+    finals = A.final_evals([bare])
+    assert finals[
+        ["strategy", "top_n", "steps", "status", "final_step", "dev_metric"]
+    ].values.tolist() == [[None, None, None, "unknown", 3, 2.0]]
+    result = analyze_run(bare)
+    assert result.label == "bare" and result.summary["status"] == "unknown"
+    assert result.summary["strategy"] is None and result.summary["final_dev_metric"] == 2.0
+    assert any("no checkpoints" in n for n in result.notes)
+    with pytest.raises(StoreError, match="pass task="):
+        heads.run_task(bare, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +549,9 @@ def test_model_at_loads_checkpoint(tiny_run):
 
 
 def test_circuit_from_checkpoint(tiny_run):
-    sets = A.circuit_from_checkpoint(tiny_run["store"], None, top_n=5, n_examples=8)
+    store = tiny_run["store"]
+    sets = A.circuit_from_checkpoint(store, None, top_n=5, n_examples=8)
     assert len(sets.edges) == 5 and "logits" in sets.nodes
     assert sets.label == "agreement @ initial"
+    everything = A.circuit_from_checkpoint(store, 1, top_n=10_000, n_examples=8)
+    assert everything.edges == set(store.edge_names)  # n clamped to the graph's edges

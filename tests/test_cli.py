@@ -136,4 +136,4 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     resume_command = err.split("continue with: circuitdyn ")[1].split()
     # The hint is a command line that parses to the same configuration.
     again = tune_cli.config_from_args(build_parser().parse_args(resume_command))
-    assert again == tune_cli.config_from_args(build_parser().parse_args([*TUNE[1:], "--out", "x"]))
+    assert again == tune_cli.config_from_args(build_parser().parse_args([*TUNE, "--out", "x"]))

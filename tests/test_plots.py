@@ -65,6 +65,9 @@ def test_node_positions_layered():
     assert pos.loc["input", "x"] == 0 and pos.loc["logits", "x"] == 5
     assert pos.loc["a1.h0", "x"] == 3 and pos.loc["m1", "x"] == 4
     assert pos.loc["a0.h0", "y"] == -0.5 and pos.loc["a0.h1", "y"] == 0.5
+    assert pos.loc["m0", "column"] == "L0 MLP" and pos.loc["a1.h1", "column"] == "L1 heads"
+    with pytest.raises(ValueError, match="not a circuitdyn node name"):
+        P.node_positions(["input", "blocks.0"])
 
 
 def test_circuit_graph_data_equals_table():
@@ -394,6 +397,29 @@ def test_save_figure_falls_back_to_html_once(tmp_path, monkeypatch):
         warnings.simplefilter("error")  # no second warning
         paths = P.save_figure(fig, tmp_path / "b", formats=("png",))
     assert paths == [tmp_path / "b.html"]  # HTML kept even though only PNG was asked for
+
+
+def test_save_figure_export_errors(tmp_path, monkeypatch):
+    """Kaleido's own error (not a RuntimeError) falls back to HTML; any other error is a bug and
+    propagates."""
+    errors = pytest.importorskip("kaleido.errors")
+    fig = go.Figure(go.Scatter(x=[1], y=[2]), layout={"title": {"text": "t"}})
+    for error, caught in (
+        (errors.KaleidoError(525, "render failed"), True),
+        (KeyError("x"), False),
+    ):
+        monkeypatch.setattr(P, "_STATIC_PROBLEM", None)
+
+        def broken(self, *args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(go.Figure, "write_image", broken)
+        if caught:
+            with pytest.warns(RuntimeWarning, match="render failed"):
+                assert P.save_figure(fig, tmp_path / "k", formats=("png",)) == [tmp_path / "k.html"]
+        else:
+            with pytest.raises(KeyError):
+                P.save_figure(fig, tmp_path / "b", formats=("png",))
 
 
 @pytest.mark.skipif(

@@ -1,9 +1,8 @@
-"""`circuitdyn analyze` and `circuitdyn report` on small synthetic runs of a tiny model, and a
+"""The analysis pipeline and the HTML report on small synthetic runs of a tiny model, and a
 headless-Chromium check that the report renders without console errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -17,8 +16,9 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from circuitdyn import analysis as A
-from circuitdyn import report
+from circuitdyn.analysis.pipeline import analyze_run, comparison, run_figures, write_tables
 from circuitdyn.graph import Graph
+from circuitdyn.report import build_report
 from circuitdyn.store import RunStore
 
 STEPS = 6
@@ -40,9 +40,13 @@ def model_dir(tmp_path_factory):
     return save_model(model, tmp_path_factory.mktemp("model") / "tiny"), model
 
 
-def make_run(path, model_dir, *, strategy="circuit", top_n=4, seed=0, model_name=None) -> RunStore:
-    """A run of STEPS steps: random top-n circuits and scores, evals at 0, 3 and STEPS (dev
-    metric rising with top_n), checkpoints after updates 2 and 5 (weights drifting)."""
+def make_run(
+    path, model_dir, *, strategy="circuit", top_n=4, seed=0, model_name=None, stop=None
+) -> RunStore:
+    """A run of STEPS steps: random top-n circuits and scores, dev evaluations at 0, 3 and STEPS
+    (dev metric rising with top_n) and test evaluations at 0 and STEPS, logged as separate
+    records as `circuitdyn.tuning` logs them, checkpoints after updates 2 and 5 (weights
+    drifting). ``stop``: the run is killed before step ``stop`` (no final evaluation)."""
     directory, model = model_dir
     graph = Graph.from_model(model)
     config = {
@@ -63,7 +67,7 @@ def make_run(path, model_dir, *, strategy="circuit", top_n=4, seed=0, model_name
     )
     rng = torch.Generator().manual_seed(seed)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for step in range(STEPS):
+    for step in range(STEPS if stop is None else stop):
         scores = torch.randn(graph.n_src, graph.n_dst, generator=rng).where(graph.edge_valid, 0.0)
         flat = scores[graph.edge_valid].abs()
         mask = torch.zeros_like(graph.edge_valid)
@@ -87,6 +91,8 @@ def make_run(path, model_dir, *, strategy="circuit", top_n=4, seed=0, model_name
         )
         if step % 3 == 0:
             store.log_eval(step, {"dev_metric": step * top_n / 10, "general_loss": 5.0})
+        if step == 0:
+            store.log_eval(0, {"test_metric": 0.0, "test_accuracy": 0.5})
         for value in state.values():
             if value.is_floating_point() and value.ndim > 1:
                 value.add_(0.01 * torch.randn(value.shape, generator=rng))
@@ -94,7 +100,9 @@ def make_run(path, model_dir, *, strategy="circuit", top_n=4, seed=0, model_name
             store.save_checkpoint(
                 step, tensors={f"model.{k}": v for k, v in state.items()}, meta={}
             )
-    store.log_eval(STEPS, {"dev_metric": STEPS * top_n / 10, "general_loss": 4.5})
+    if stop is None:
+        store.log_eval(STEPS, {"dev_metric": STEPS * top_n / 10, "general_loss": 4.5})
+        store.log_eval(STEPS, {"test_metric": top_n / 10, "test_accuracy": 0.75})
     store.close()
     return store
 
@@ -109,18 +117,16 @@ def runs(tmp_path_factory, model_dir):
     ]
 
 
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="circuitdyn")
-    report.register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+@pytest.fixture(scope="module")
+def analyses(runs):
+    return [analyze_run(RunStore.open(r.directory), model=False) for r in runs]
 
 
-def test_analyze_cli_writes_the_tables(runs, tmp_path, capsys):
+def test_analyze_writes_the_tables(runs, tmp_path):
     store = runs[0]
     out = tmp_path / "tables"
-    assert _cli(["analyze", str(store.directory), "--out", str(out)]) == 0
-    assert "wrote" in capsys.readouterr().out
+    result = analyze_run(RunStore.open(store.directory), max_checkpoints=2)
+    written = write_tables(result, out)
     for name in (
         "churn",
         "sizes",
@@ -131,69 +137,111 @@ def test_analyze_cli_writes_the_tables(runs, tmp_path, capsys):
         "weight_changes",
         "membership_flows",
     ):
-        assert (out / f"{name}.csv").exists(), name
+        assert written[name] == out / f"{name}.csv" and written[name].exists(), name
     churn = pd.read_csv(out / "churn.csv")
-    expected = A.churn(store)
-    pd.testing.assert_frame_equal(churn, expected, check_dtype=False)
+    pd.testing.assert_frame_equal(churn, A.churn(store), check_dtype=False)
     membership = pd.read_csv(out / "node_membership.csv", index_col="node")
     assert membership.shape == (len(store.node_names), STEPS)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["summary"]["steps_recorded"] == STEPS
-    assert summary["summary"]["attributed_steps"] == STEPS - 1
-    assert summary["summary"]["final_dev_metric"] == pytest.approx(STEPS * 2 / 10)
+    numbers = summary["summary"]
+    assert numbers["steps_recorded"] == STEPS and numbers["attributed_steps"] == STEPS - 1
+    assert (numbers["status"], numbers["last_step"], numbers["planned_steps"]) == (
+        "finished",
+        STEPS - 1,
+        STEPS,
+    )
+    # The final evaluation's dev and test records are merged: both are finite.
+    assert numbers["final_dev_metric"] == pytest.approx(STEPS * 2 / 10)
+    assert numbers["final_test_metric"] == pytest.approx(0.2)
+    assert numbers["first_test_accuracy"] == 0.5 and numbers["final_eval_step"] == STEPS
+    assert summary["notes"] == []
     roles = pd.read_csv(out / "head_roles.csv")
     assert sorted(roles["step"].unique()) == [-1, 2, 5]
 
 
-def test_analyze_without_model(runs, tmp_path):
-    out = tmp_path / "nomodel"
-    assert _cli(["analyze", str(runs[0].directory), "--out", str(out), "--no-model"]) == 0
-    assert not (out / "head_roles.csv").exists()
-    notes = json.loads((out / "summary.json").read_text())["notes"]
-    assert any("--no-model" in n for n in notes)
+def test_analyze_without_model(analyses, tmp_path):
+    written = write_tables(analyses[0], tmp_path / "nomodel")
+    assert "head_roles" not in written and not (tmp_path / "nomodel" / "head_roles.csv").exists()
+    notes = json.loads(written["summary"].read_text())["notes"]
+    assert any("not requested" in n for n in notes)
 
 
 def test_unloadable_model_is_a_note(tmp_path, model_dir):
     store = make_run(tmp_path / "lost", model_dir, model_name="no-such-model-xyz")
-    result = report.analyze_run(RunStore.open(store.directory))
+    result = analyze_run(RunStore.open(store.directory))
     assert "head_roles" not in result.tables and "weight_changes" not in result.tables
-    assert any("could not be loaded" in n for n in result.notes)
+    assert any("'no-such-model-xyz' cannot be loaded" in n for n in result.notes)
 
 
-def test_single_run_report(runs, tmp_path):
-    path = report.build_report([runs[0].directory], tmp_path / "one.html")
+def test_unexpected_errors_propagate(runs, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(A, "head_roles", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        analyze_run(RunStore.open(runs[0].directory), max_checkpoints=1)
+
+
+def test_partial_run_says_so(tmp_path, model_dir):
+    store = make_run(tmp_path / "killed", model_dir, stop=4)
+    result = analyze_run(RunStore.open(store.directory), model=False)
+    expected = f"partial run: steps 0..3 of {STEPS} recorded"
+    assert result.notes[0].startswith(expected)
+    numbers = result.summary
+    assert (numbers["status"], numbers["last_step"], numbers["planned_steps"]) == (
+        "partial",
+        3,
+        STEPS,
+    )
+    assert numbers["final_eval_step"] == 3 and numbers["final_dev_metric"] == pytest.approx(1.2)
+    text = build_report([store.directory], tmp_path / "killed.html", model=False).read_text()
+    assert text.count(expected) == 2  # at the top of the page and in the run's section
+
+
+def test_final_metrics_are_finite(runs, analyses):
+    """The final evaluation is read at step == config.steps with its dev and test records
+    merged, so the final-metrics table, its bars and the intrinsic dimension hold numbers."""
+    tables, figs, numbers = comparison(analyses)
+    finals = tables["final_evals"].set_index("run")
+    np.testing.assert_allclose(finals["dev_metric"], [1.2, 3.6, 3.6])
+    np.testing.assert_allclose(finals["general_loss"], [4.5] * 3)
+    np.testing.assert_allclose(finals["test_metric"], [0.2, 0.6, 0.6])
+    np.testing.assert_allclose(finals["initial_test_accuracy"], [0.5] * 3)
+    assert finals["final_step"].tolist() == [STEPS] * 3
+    assert finals["status"].tolist() == ["finished"] * 3
+    bars = figs["final_bars"]
+    assert [t.name for t in bars.data] == ["dev_metric", "general_loss"]
+    np.testing.assert_allclose(bars.data[0].y, [1.2, 3.6, 3.6])
+    idim = figs["intrinsic_dimension_circuit"]
+    np.testing.assert_allclose(idim.data[0].y, [1.2, 3.6])  # top_n 2 and 6
+    assert numbers["intrinsic_dimension_circuit"]["saturation_n"] == 6
+
+
+def test_progress_bars(runs, tmp_path, capsys):
+    result = analyze_run(RunStore.open(runs[0].directory), model=False, progress=True)
+    write_tables(result, tmp_path / "bars", progress=True)
+    err = capsys.readouterr().err
+    assert f"analyze {result.label}" in err and "tables" in err
+    result = analyze_run(RunStore.open(runs[0].directory), model=False)
+    assert capsys.readouterr().err == ""  # silent by default
+
+
+def test_single_run_report(runs, analyses, tmp_path):
+    path = build_report([runs[0].directory], tmp_path / "one.html", model=False)
     text = path.read_text()
-    result = report.analyze_run(RunStore.open(runs[0].directory))
-    n_figures = len(report.run_figures(result))
-    assert text.count('class="figure"') == n_figures
-    assert "Comparison of runs" not in text
+    assert text.count('class="figure"') == len(run_figures(analyses[0]))
+    assert "Comparison of runs" not in text and "partial run" not in text
     assert "mean_jaccard_edges_prev" in text and "Stable core" in text
     assert not re.search(r"<script[^>]+src=", text)  # everything inline: works offline
 
 
-def test_comparison_report_cli(runs, tmp_path):
-    out = tmp_path / "cmp.html"
-    assert (
-        _cli(
-            [
-                "report",
-                *[str(r.directory) for r in runs],
-                "--out",
-                str(out),
-                "--max-checkpoints",
-                "1",
-            ]
-        )
-        == 0
-    )
+def test_comparison_report(runs, tmp_path):
+    out = build_report([r.directory for r in runs], tmp_path / "cmp.html", max_checkpoints=1)
     text = out.read_text()
     assert "Comparison of runs" in text
     assert "Final dev metric versus circuit size (circuit)" in text  # top_n 2 and 6
     assert text.count("<h2") == 1 + len(runs)
-    tables, _, numbers = report.comparison([report.analyze_run(r, model=False) for r in runs])
-    finals = tables["final_evals"].set_index("run")
-    np.testing.assert_allclose(finals["dev_metric"], [1.2, 3.6, 3.6])
-    assert numbers["intrinsic_dimension_circuit"]["saturation_n"] == 6
+    assert "<td>3.6</td>" in text  # the final dev metric in the comparison table, not "–"
 
 
 @pytest.mark.skipif(
@@ -201,7 +249,7 @@ def test_comparison_report_cli(runs, tmp_path):
     reason="chromium is not installed (apt-get install chromium); headless render check skipped",
 )
 def test_report_renders_in_headless_chromium(runs, tmp_path):
-    path = report.build_report(
+    path = build_report(
         [r.directory for r in runs[:2]], tmp_path / "render.html", max_checkpoints=1
     )
     command = [

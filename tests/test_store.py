@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,10 +20,12 @@ from typing import IO
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from circuitdyn.store import (
     RunStore,
+    StoreCheck,
     StoreError,
     StoreLockedError,
     flatten_state,
@@ -530,6 +533,13 @@ def _check_run(store: RunStore) -> None:
         assert row["dev_loss"] == writer.expected_eval(int(row["step"]))["dev_loss"]
 
     checkpoints = store.checkpoint_steps()
+    # A killed writer leaves nothing damaged: every file under its final name is complete.
+    assert store.verify() == StoreCheck(
+        damaged=(),
+        snapshot_steps=tuple(steps),
+        checkpoint_steps=tuple(checkpoints),
+        intact_through=steps[-1] if steps else -1,
+    )
     assert len(checkpoints) <= writer.CHECKPOINTS_KEPT + 1
     for step in checkpoints:
         assert step % writer.CHECKPOINT_EVERY == 0 and step <= steps[-1]
@@ -664,6 +674,178 @@ def test_damaged_snapshot_files_are_errors_not_partial_reads(tmp_path: Path) -> 
     (run / "evals.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(StoreError, match=r"evals.jsonl: line 2 is not a JSON record"):
         store.evals_frame()
+
+
+# ---------------------------------------------------------------------- verify and remove_damaged
+
+
+def _resave(path: Path, **metadata: str) -> None:
+    """Rewrite a safetensors file with the same tensors and some metadata entries replaced."""
+    with safe_open(path, framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        old = handle.metadata() or {}
+    save_file(tensors, path, metadata={**old, **metadata})
+
+
+def _half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _wrong_shape(path: Path) -> None:
+    with safe_open(path, framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = handle.metadata()
+    save_file({**tensors, "node_scores": torch.zeros(3)}, path, metadata=metadata)
+
+
+def store_with_checkpoints(run: Path, steps: range, checkpoints: tuple[int, ...]) -> RunStore:
+    store = create_small(run)
+    fill(store, steps)
+    for step in checkpoints:
+        store.log_eval(step, {"dev_loss": step / 2})
+        store.save_checkpoint(step, tensors={"w": torch.full((4,), float(step))}, meta={"at": step})
+    return store
+
+
+def test_verify_intact_store(tmp_path: Path) -> None:
+    store_with_checkpoints(tmp_path / "run", range(6), (2, 5)).close()
+    check = RunStore.open(tmp_path / "run").verify()
+    assert check == StoreCheck(
+        damaged=(), snapshot_steps=(0, 1, 2, 3, 4, 5), checkpoint_steps=(2, 5), intact_through=5
+    )
+    assert check.ok
+
+    empty = create_small(tmp_path / "empty").verify()
+    assert empty.intact_through == -1 and empty.snapshot_steps == () and empty.ok
+    gappy = create_small(tmp_path / "gappy")
+    fill(gappy, [0, 1, 3])
+    check = gappy.verify()
+    assert check.damaged == () and check.intact_through == 1 and not check.ok
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_half, "damaged snapshot file"),
+        (lambda path: path.write_bytes(b""), "damaged snapshot file"),
+        (lambda path: _resave(path, step="4"), "not the snapshot of step 3"),
+        (lambda path: _resave(path, format="other"), "not the snapshot of step 3"),
+        (lambda path: _resave(path, metrics="{"), "unreadable metrics"),
+        (_wrong_shape, r"node_scores is F32 \[3\], but the manifest says F32 \[8\]"),
+    ],
+    ids=["half", "empty", "wrong-step", "wrong-format", "bad-metrics", "wrong-shape"],
+)
+def test_verify_finds_a_damaged_snapshot(tmp_path: Path, damage, reason: str) -> None:
+    run = tmp_path / "run"
+    store_with_checkpoints(run, range(6), (2, 4)).close()
+    path = run / "snapshots" / "step_00000003.safetensors"
+    damage(path)
+
+    store = RunStore.open(run)  # opening reads no snapshot, so it still succeeds
+    assert store.steps == [0, 1, 2, 3, 4, 5]
+    check = store.verify()
+    assert [damaged for damaged, _ in check.damaged] == [path]
+    assert re.search(reason, check.damaged[0][1])
+    assert "\n" not in check.damaged[0][1] and str(path) not in check.damaged[0][1]
+    assert check.snapshot_steps == (0, 1, 2, 4, 5)
+    assert check.checkpoint_steps == (2, 4)
+    assert check.intact_through == 2 and not check.ok
+    # What a resume does with it: the last checkpoint at or before step 2.
+    assert [s for s in check.checkpoint_steps if s <= check.intact_through] == [2]
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"garbage!" * 100)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda path: path.write_bytes(b""), "damaged checkpoint file"),
+        (_garbage, "damaged checkpoint file"),
+        (_half, "damaged checkpoint file"),
+        (lambda path: _resave(path, meta="{"), "unreadable checkpoint meta"),
+        (lambda path: _resave(path, step="2"), "not the checkpoint of step 4"),
+    ],
+    ids=["empty", "garbage", "half", "bad-meta", "wrong-step"],
+)
+def test_verify_finds_a_damaged_checkpoint(tmp_path: Path, damage, reason: str) -> None:
+    run = tmp_path / "run"
+    store_with_checkpoints(run, range(6), (2, 4)).close()
+    path = run / "checkpoints" / "step_00000004.safetensors"
+    damage(path)
+    check = RunStore.open(run).verify()
+    assert [damaged for damaged, _ in check.damaged] == [path]
+    assert reason in check.damaged[0][1]
+    assert check.checkpoint_steps == (2,)
+    assert check.snapshot_steps == tuple(range(6)) and check.intact_through == 5
+
+
+def test_remove_damaged_deletes_them_and_the_store_reads_cleanly(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    store_with_checkpoints(run, range(6), (1, 2, 4)).close()
+    snapshot = run / "snapshots" / "step_00000003.safetensors"
+    _half(snapshot)
+    (run / "checkpoints" / "step_00000002.safetensors").write_bytes(b"")
+    _garbage(run / "checkpoints" / "step_00000004.safetensors")
+
+    store = RunStore.open(run)
+    check = store.verify()
+    assert len(check.damaged) == 3 and check.checkpoint_steps == (1,)
+    with pytest.raises(StoreError, match="damaged snapshot file"):
+        store.scores()
+    other = RunStore.open(run)
+    other.truncate_after(5)  # a write that changes nothing, to take the lock
+    with pytest.raises(StoreLockedError):
+        store.remove_damaged(check)
+    assert snapshot.exists()
+    other.close()
+
+    store.remove_damaged(check)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.safetensors"]
+    assert not snapshot.exists()
+    assert store.steps == [0, 1, 2, 4, 5]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 4, 5]
+    store.remove_damaged(check)  # idempotent
+    # The append handle follows the rewritten index.
+    store.append(6, **make_step(6, store.edge_valid, 8))
+    store.close()
+
+    reader = RunStore.open(run)
+    after = reader.verify()
+    assert after.damaged == () and after.intact_through == 2
+    assert after.snapshot_steps == (0, 1, 2, 4, 5, 6) and after.checkpoint_steps == (1,)
+    assert reader.metrics_frame()["step"].tolist() == [0, 1, 2, 4, 5, 6]
+    assert reader.scores().shape == (6, 7, 15)
+    assert reader.evals_frame()["step"].tolist() == [1, 2, 4]
+    assert reader.load_checkpoint(1)[1] == {"at": 1}
+
+    with pytest.raises(ValueError, match="not a snapshot or checkpoint file"):
+        reader.remove_damaged(StoreCheck(((run / "manifest.json", "x"),), (), (), -1))
+    foreign = tmp_path / "other" / "snapshots" / "step_00000000.safetensors"
+    with pytest.raises(ValueError, match="not a snapshot or checkpoint file"):
+        reader.remove_damaged(StoreCheck(((foreign, "x"),), (), (), -1))
+
+
+def test_resume_flow_keeps_files_rewritten_after_the_check(tmp_path: Path) -> None:
+    """What tuning's resume does: verify, truncate to the last usable checkpoint, re-record,
+    then remove_damaged with the old check must not delete the fresh files."""
+    run = tmp_path / "run"
+    store_with_checkpoints(run, range(6), (1, 4)).close()
+    _half(run / "snapshots" / "step_00000003.safetensors")
+    _half(run / "snapshots" / "step_00000000.safetensors")
+    store = RunStore.open(run)
+    check = store.verify()
+    assert check.intact_through == -1 and check.snapshot_steps == (1, 2, 4, 5)
+    usable = [s for s in check.checkpoint_steps if s <= check.intact_through]
+    assert usable == []
+    store.truncate_after(-1)
+    fill(store, range(4))
+    store.remove_damaged(check)
+    assert store.steps == [0, 1, 2, 3]
+    assert store.verify() == StoreCheck((), (0, 1, 2, 3), (), 3)
 
 
 def test_create_refuses_to_clobber(tmp_path: Path) -> None:

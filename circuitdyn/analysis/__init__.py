@@ -1,5 +1,7 @@
 """Analyses of recorded runs: pure functions from a `RunStore` (or several) to pandas tables.
 
+* `runs`: a run's tuning config (or none), label, evaluations one row per step, and whether it
+  finished (`run_progress`).
 * `dynamics`: circuit size, churn (Jaccard), node entries / exits, stable core, per-layer
   composition, the circuit at a step as tables for the graph figure.
 * `trajectories`: edge scores over steps, linear trends with t-test p-values, rank changes.
@@ -9,7 +11,10 @@
   (needs the model).
 * `weights`: relative weight change per head and MLP at checkpoints (needs the initial model).
 
-Analyses never touch a live trainer; figures (`circuitdyn.plots`) take these tables.
+Analyses never touch a live trainer, and read a store through its typed views (``store.graph``,
+``store.config``); figures (`circuitdyn.plots`) take these tables. `circuitdyn.analysis.pipeline`
+(every table and figure of a run, written as files) sits above the figures and is not imported
+here.
 """
 
 from circuitdyn.analysis.compare import (
@@ -23,8 +28,6 @@ from circuitdyn.analysis.compare import (
     membership_flows,
     phase_membership,
     phase_steps,
-    run_label,
-    run_labels,
     strategy_curves,
 )
 from circuitdyn.analysis.dynamics import (
@@ -33,16 +36,28 @@ from circuitdyn.analysis.dynamics import (
     circuit_evolution,
     circuit_sizes,
     circuit_tables,
+    edge_info,
     edge_presence,
+    jaccard,
     layer_composition,
     node_events,
+    node_info,
     node_membership,
     node_presence,
     node_score_matrix,
-    parse_node,
+    spread,
     stable_core,
 )
 from circuitdyn.analysis.heads import head_role_changes, head_roles, head_roles_of_model
+from circuitdyn.analysis.runs import (
+    RunProgress,
+    config_fields,
+    evals_by_step,
+    run_label,
+    run_labels,
+    run_progress,
+    tuning_config,
+)
 from circuitdyn.analysis.trajectories import (
     changing_edges,
     edge_trajectories,
@@ -54,6 +69,7 @@ from circuitdyn.analysis.trajectories import (
 )
 from circuitdyn.analysis.weights import (
     block_changes,
+    checkpoint_parameters,
     final_weight_changes,
     model_at,
     weight_changes,
@@ -63,9 +79,11 @@ from circuitdyn.analysis.weights import (
 __all__ = [
     "CircuitSets",
     "IntrinsicDimension",
+    "RunProgress",
     "attributed_steps",
     "block_changes",
     "changing_edges",
+    "checkpoint_parameters",
     "churn",
     "circuit_evolution",
     "circuit_from_checkpoint",
@@ -73,33 +91,40 @@ __all__ = [
     "circuit_tables",
     "compare_circuits",
     "compare_steps",
+    "config_fields",
+    "edge_info",
     "edge_presence",
     "edge_trajectories",
     "edge_trends",
+    "evals_by_step",
     "final_evals",
     "final_weight_changes",
     "head_role_changes",
     "head_roles",
     "head_roles_of_model",
     "intrinsic_dimension",
+    "jaccard",
     "layer_composition",
     "linear_trend",
     "membership_flows",
     "model_at",
     "node_events",
+    "node_info",
     "node_membership",
     "node_presence",
     "node_score_matrix",
-    "parse_node",
     "phase_membership",
     "phase_steps",
     "rank_changes",
     "run_label",
     "run_labels",
+    "run_progress",
+    "spread",
     "stable_core",
     "strategy_curves",
     "t_test_p_value",
     "top_edges",
+    "tuning_config",
     "weight_changes",
     "where_weights_moved",
 ]

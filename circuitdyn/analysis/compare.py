@@ -5,11 +5,11 @@
   disagreement circuit after tuning (`CircuitSets.from_store`).
 * One run before / during / after: `phase_membership`, `membership_flows` (for a Sankey
   diagram) and `compare_steps` (pairwise overlaps).
-* Several runs: `final_evals` (the final dev evaluation of each run), `strategy_curves` (dev
-  evaluations over steps, per run) and `intrinsic_dimension` (final metric versus circuit size
+* Several runs: `final_evals` (the final evaluation of each run), `strategy_curves`
+  (evaluations over steps, per run) and `intrinsic_dimension` (final metric versus circuit size
   top_n, and where it saturates).
 
-Jaccard indices of two empty sets are 1.0 (as in `circuitdyn.circuit`).
+Jaccard indices (`circuitdyn.analysis.dynamics.jaccard`) of two empty sets are 1.0.
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from circuitdyn.analysis.dynamics import node_membership_array, nodes_of_masks
+from circuitdyn.analysis.dynamics import jaccard, node_membership_array, nodes_of_masks
+from circuitdyn.analysis.runs import config_fields, evals_by_step, run_labels, run_progress
 from circuitdyn.store import RunStore
+
+RUN_COLUMNS = ("strategy", "top_n", "task")
+"""The config fields that describe a run in the several-run tables."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,37 +77,29 @@ def compare_circuits(a: CircuitSets, b: CircuitSets) -> tuple[pd.DataFrame, pd.D
     lists are its rows with those statuses. Sorted by level, status, name.
     """
     summary_rows = []
-    member_rows = []
+    members = []
     for level, set_a, set_b in (("nodes", a.nodes, b.nodes), ("edges", a.edges, b.edges)):
-        both, only_a, only_b = set_a & set_b, set_a - set_b, set_b - set_a
-        union = len(set_a | set_b)
+        names = np.array(sorted(set_a | set_b), dtype=object)
+        in_a = np.array([n in set_a for n in names], dtype=bool)
+        in_b = np.array([n in set_b for n in names], dtype=bool)
         summary_rows.append(
             {
                 "level": level,
                 "label_a": a.label,
                 "label_b": b.label,
-                "n_a": len(set_a),
-                "n_b": len(set_b),
-                "n_both": len(both),
-                "n_only_a": len(only_a),
-                "n_only_b": len(only_b),
-                "n_union": union,
-                "jaccard": 1.0 if union == 0 else len(both) / union,
+                "n_a": int(in_a.sum()),
+                "n_b": int(in_b.sum()),
+                "n_both": int((in_a & in_b).sum()),
+                "n_only_a": int((in_a & ~in_b).sum()),
+                "n_only_b": int((~in_a & in_b).sum()),
+                "n_union": len(names),
+                "jaccard": float(jaccard(in_a, in_b)),
             }
         )
-        for status, names in (("both", both), ("only_a", only_a), ("only_b", only_b)):
-            for name in sorted(names):
-                member_rows.append(
-                    {
-                        "level": level,
-                        "name": name,
-                        "in_a": status != "only_b",
-                        "in_b": status != "only_a",
-                        "status": status,
-                    }
-                )
-    membership = pd.DataFrame(member_rows, columns=["level", "name", "in_a", "in_b", "status"])
-    return pd.DataFrame(summary_rows), membership
+        status = np.where(in_a & in_b, "both", np.where(in_a, "only_a", "only_b"))
+        rows = {"level": level, "name": names, "in_a": in_a, "in_b": in_b, "status": status}
+        members.append(pd.DataFrame(rows).sort_values("status", kind="stable"))  # names sorted
+    return pd.DataFrame(summary_rows), pd.concat(members, ignore_index=True)
 
 
 def compare_steps(store: RunStore, steps: Sequence[int] | None = None) -> pd.DataFrame:
@@ -180,28 +176,6 @@ def membership_flows(membership: pd.DataFrame, *, drop_never: bool = True) -> pd
 # ---------------------------------------------------------------------------------------------
 # several runs
 # ---------------------------------------------------------------------------------------------
-def run_label(store: RunStore) -> str:
-    """A short label: ``"<dir name> (<strategy>, n=<top_n>)"`` from the manifest's config."""
-    config = store.manifest.get("config", {})
-    name = Path(store.directory).name
-    if "strategy" in config:
-        return f"{name} ({config['strategy']}, n={config.get('top_n')})"
-    return name
-
-
-def run_labels(stores: Sequence[RunStore]) -> list[str]:
-    """`run_label` of each run, made unique by a ``#i`` suffix where two coincide."""
-    labels = [run_label(s) for s in stores]
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        if labels.count(label) > 1:
-            seen[label] = seen.get(label, 0) + 1
-            label = f"{label} #{seen[label]}"
-        out.append(label)
-    return out
-
-
 def _as_mapping(stores: Mapping[str, RunStore] | Iterable[RunStore]) -> dict[str, RunStore]:
     if isinstance(stores, Mapping):
         return dict(stores)
@@ -211,50 +185,46 @@ def _as_mapping(stores: Mapping[str, RunStore] | Iterable[RunStore]) -> dict[str
 
 def final_evals(stores: Mapping[str, RunStore] | Iterable[RunStore]) -> pd.DataFrame:
     """One row per run: ``run`` (label), ``directory``, ``strategy``, ``top_n``, ``task``,
-    ``steps`` (configured), ``final_step`` (step of the final evaluation: ``config.steps`` if
-    logged, else the last logged), the final evaluation's metrics (``dev_metric``,
-    ``dev_accuracy``, ``general_loss``, ``faithfulness``, ... as logged), and ``initial_<m>``
-    for each metric of the evaluation at step 0 (the model before tuning), if logged."""
+    ``steps`` (configured; None without a tuning config), ``status`` (`RunProgress.status`:
+    ``finished``, ``partial``, ``unknown``), ``final_step`` (step of the final evaluation:
+    ``steps`` if logged, else the last evaluated step), the final evaluation's metrics
+    (``dev_metric``, ``dev_accuracy``, ``general_loss``, ``faithfulness``, ``test_metric``, ...
+    as logged; the records of one step merged, `evals_by_step`), and ``initial_<m>`` for each
+    metric of the evaluation at step 0 (the model before tuning), if logged."""
     rows = []
     for label, store in _as_mapping(stores).items():
-        config = store.manifest.get("config", {})
-        evals = store.evals_frame()
+        progress = run_progress(store)
+        evals = evals_by_step(store).set_index("step")
         row: dict[str, Any] = {
             "run": label,
             "directory": str(store.directory),
-            "strategy": config.get("strategy"),
-            "top_n": config.get("top_n"),
-            "task": config.get("task"),
-            "steps": config.get("steps"),
+            **config_fields(store, RUN_COLUMNS),
+            "steps": progress.planned_steps,
+            "status": progress.status,
         }
         if len(evals):
-            target = config.get("steps")
-            final_step = target if target in set(evals["step"]) else int(evals["step"].max())
-            final = evals[evals["step"] == final_step].iloc[-1]
-            row["final_step"] = int(final_step)
-            row.update({k: float(v) for k, v in final.drop("step").items()})
-            initial = evals[evals["step"] == 0]
-            if len(initial):
-                first = initial.iloc[0].drop("step")
-                row.update({f"initial_{k}": float(v) for k, v in first.items()})
+            final_step = progress.planned_steps if progress.final_eval else int(evals.index[-1])
+            row["final_step"] = final_step
+            row.update(evals.loc[final_step].astype(float).to_dict())
+            if 0 in evals.index:
+                row.update({f"initial_{k}": float(v) for k, v in evals.loc[0].items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def strategy_curves(stores: Mapping[str, RunStore] | Iterable[RunStore]) -> pd.DataFrame:
-    """Dev evaluations of several runs over steps, long format: ``run``, ``strategy``,
-    ``top_n``, ``step`` (updates seen by the evaluated weights), then the logged metrics."""
-    frames = []
-    for label, store in _as_mapping(stores).items():
-        config = store.manifest.get("config", {})
-        evals = store.evals_frame().copy()
-        evals.insert(0, "top_n", config.get("top_n"))
-        evals.insert(0, "strategy", config.get("strategy"))
-        evals.insert(0, "run", label)
-        frames.append(evals)
+    """Evaluations of several runs over steps, long format: ``run``, ``strategy``, ``top_n``,
+    ``task``, ``step`` (updates seen by the evaluated weights), then the logged metrics (one row
+    per run and evaluated step, `evals_by_step`)."""
+    frames = [
+        evals_by_step(store).assign(run=label, **config_fields(store, RUN_COLUMNS))
+        for label, store in _as_mapping(stores).items()
+    ]
+    columns = ["run", *RUN_COLUMNS, "step"]
     if not frames:
-        return pd.DataFrame(columns=["run", "strategy", "top_n", "step"])
-    return pd.concat(frames, ignore_index=True)
+        return pd.DataFrame(columns=columns)
+    curves = pd.concat(frames, ignore_index=True)
+    return curves[columns + [c for c in curves.columns if c not in columns]]
 
 
 @dataclass(frozen=True)
@@ -341,39 +311,31 @@ def circuit_from_checkpoint(
     device: str = "cpu",
 ) -> CircuitSets:
     """Attribute ``task`` (default: the run's task) on the first ``n_examples`` of ``split`` with
-    the weights of checkpoint ``step`` (None: the initial model), with the run's attribution
-    method, ablation and selection, and select ``top_n`` (default: the run's) edges. E.g. the
+    the weights of checkpoint ``step`` (None: the initial model) with the run's attribution
+    method and ablation, and select a circuit of size ``top_n`` (default: the run's) with the
+    run's selection rule (`circuitdyn.selection.select`, which clamps n to the graph). E.g. the
     agreement circuit of the pretrained model: ``circuit_from_checkpoint(run, None,
     task="agreement")``."""
     from circuitdyn.analysis.heads import run_task, task_examples
     from circuitdyn.analysis.weights import model_at
     from circuitdyn.attribution import attribute
-    from circuitdyn.circuit import Circuit
-    from circuitdyn.graph import Graph
+    from circuitdyn.selection import select
 
-    config = store.manifest.get("config", {})
+    config = store.config
     model = model_at(store, step, device=device)
     the_task = run_task(store, model, task)
     batches = [b for b, _ in task_examples(the_task, split, n_examples, batch_size)]
-    graph = Graph.from_model(model)
     scores = attribute(
         model,
-        graph,
+        store.graph,
         batches,
         the_task.metric,
-        method=config.get("method", "eap"),
-        ablation=config.get("ablation", "corrupted"),
-        steps=config.get("ig_steps", 5),
+        method=config.method,
+        ablation=config.ablation,
+        steps=config.ig_steps,
     )
-    n = int(top_n if top_n is not None else config.get("top_n", 200))
-    absolute = bool(config.get("absolute", True))
-    selection = config.get("selection", "top_edges")
-    if selection == "greedy":
-        circuit = Circuit.greedy(scores, min(n, graph.n_edges), absolute=absolute)
-    elif selection == "top_nodes":
-        circuit = Circuit.top_nodes(scores, min(n, graph.n_src - 1), absolute=absolute)
-    else:
-        circuit = Circuit.top_edges(scores, min(n, graph.n_edges), absolute=absolute)
+    n = config.top_n if top_n is None else top_n
+    circuit = select(scores, n, config.selection, absolute=config.absolute).circuit
     name = the_task.name if hasattr(the_task, "name") else str(task)
     when = "initial" if step is None else f"step {step}"
     return CircuitSets.from_circuit(circuit, label if label is not None else f"{name} @ {when}")

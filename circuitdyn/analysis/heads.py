@@ -32,8 +32,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from circuitdyn.analysis.runs import tuning_config
 from circuitdyn.analysis.weights import load_checkpoint_weights, model_at
-from circuitdyn.store import RunStore
+from circuitdyn.store import RunStore, StoreError
 
 if TYPE_CHECKING:  # transformer_lens is imported (slowly) only where a model is loaded
     from transformer_lens import HookedTransformer
@@ -46,15 +47,18 @@ INITIAL_STEP = -1
 def run_task(store: RunStore, model: HookedTransformer, task: str | None = None) -> Any:
     """The run's task (or the task named ``task``, e.g. ``"agreement"`` for a ``disagreement``
     run) built as the run built it: ``load_task(name, model, seed=config.seed,
-    **config.task_options)``."""
+    **config.task_options)``. A run without a tuning config needs ``task`` (then built with
+    `load_task`'s own defaults)."""
     from circuitdyn.tasks import load_task
 
-    config = store.manifest.get("config", {})
-    name = task or config.get("task")
-    if not name:
-        raise ValueError(f"{store.directory}: the manifest names no task; pass task=")
-    options = {"seed": config.get("seed", 0), **config.get("task_options", {})}
-    return load_task(name, model, **options)
+    config = tuning_config(store)
+    if config is None:
+        if task is None:
+            raise StoreError(
+                f"{store.directory}: no tuning config names the run's task; pass task="
+            )
+        return load_task(task, model)
+    return load_task(task or config.task, model, seed=config.seed, **config.task_options)
 
 
 def subject_positions(task: Any, split: str) -> Tensor | None:

@@ -25,6 +25,12 @@ def tuning_config(store: RunStore) -> TuningConfig | None:
     return None if store.manifest.get("config") is None else store.config
 
 
+def model_name(store: RunStore) -> str | None:
+    """The name `circuitdyn.models.load_model` loads the run's initial model by (the manifest's
+    ``model_name``), or None when it names none (a run tuned from a model built in memory)."""
+    return store.manifest.get("model_name") or None
+
+
 def config_fields(store: RunStore, names: Sequence[str]) -> dict[str, Any]:
     """The named `TuningConfig` fields of the run (all None for a run without a config)."""
     config = tuning_config(store)
@@ -111,6 +117,7 @@ __all__ = [
     "RunProgress",
     "config_fields",
     "evals_by_step",
+    "model_name",
     "run_label",
     "run_labels",
     "run_progress",

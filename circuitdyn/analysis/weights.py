@@ -7,7 +7,7 @@ parameters: ||W_t - W_0||_F / ||W_0||_F (dimensionless; NaN when ||W_0|| = 0).
 
 Blocks. Per head h of layer L: its rows of ``W_Q``, ``W_K``, ``W_V`` (``[d_model, d_head]``
 slices) and ``W_O`` (``[d_head, d_model]``), and ``all``: those four with ``b_Q[h]``, ``b_K[h]``,
-``b_V[h]``: everything the head owns in `circuitdyn.circuit.parameter_masks`. Per MLP: ``W_in``,
+``b_V[h]``: everything the head owns in `circuitdyn.ownership.parameter_masks`. Per MLP: ``W_in``,
 ``W_out`` and ``all`` (every parameter under ``blocks.L.mlp``). Grouped-query attention with
 shared keys/values (``_W_K``/``_W_V``) gives each head its group's change.
 
@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuitdyn.store import RunStore
+from circuitdyn.analysis.runs import model_name as run_model_name
+from circuitdyn.store import RunStore, StoreError, strip_prefix
 
 if TYPE_CHECKING:  # transformer_lens is imported (slowly) only where a model is loaded
     from transformer_lens import HookedTransformer
@@ -45,13 +46,22 @@ def model_at(
     model_name: str | None = None,
 ) -> HookedTransformer:
     """The run's model with the weights of checkpoint ``step`` (after update ``step``), or the
-    initial weights for ``step=None``. ``model_name`` overrides ``manifest["model_name"]``."""
-    from circuitdyn.models import load_model
+    initial weights for ``step=None``. ``model_name`` overrides ``manifest["model_name"]``.
 
-    name = model_name or store.manifest.get("model_name")
+    Raises `StoreError` when the manifest names no model (a run tuned from a model built in
+    memory) and `ModelUnavailableError` when the named model cannot be loaded (a moved model
+    directory, an unknown or offline hub name)."""
+    from circuitdyn.models import ModelUnavailableError, load_model
+
+    name = model_name or run_model_name(store)
     if not name:
-        raise ValueError(f"{store.directory}: the manifest names no model ('model_name')")
-    model = load_model(name, device=device)
+        raise StoreError(f"{store.directory}: the manifest names no model (model_name)")
+    try:
+        model = load_model(name, device=device)
+    except ValueError as error:  # load_model: "no model circuitdyn knows"
+        raise ModelUnavailableError(
+            f"the run's model {name!r} cannot be loaded: {error}"
+        ) from error
     if step is not None:
         load_checkpoint_weights(model, store, step)
     return model
@@ -60,8 +70,7 @@ def model_at(
 def load_checkpoint_weights(model: HookedTransformer, store: RunStore, step: int) -> None:
     """Load the model weights of checkpoint ``step`` into ``model`` (in place). Raises
     ValueError if the checkpoint lacks some of the model's parameters."""
-    tensors, _ = store.load_checkpoint(step)
-    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = checkpoint_parameters(store, step)
     params = {name for name, _ in model.named_parameters()}
     missing = sorted(params - set(state))
     if missing:
@@ -81,9 +90,10 @@ def initial_parameters(store: RunStore, model_name: str | None = None) -> dict[s
     return {name: p.detach().cpu() for name, p in model.named_parameters()}
 
 
-def _checkpoint_parameters(store: RunStore, step: int) -> dict[str, Tensor]:
+def checkpoint_parameters(store: RunStore, step: int) -> dict[str, Tensor]:
+    """The model state saved in checkpoint ``step`` (TransformerLens names), on the CPU."""
     tensors, _ = store.load_checkpoint(step)
-    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    return strip_prefix(tensors, "model")
 
 
 def _n_layers(params: Mapping[str, Tensor]) -> int:
@@ -181,7 +191,7 @@ def weight_changes(
         initial = initial_parameters(store, model_name)
     frames = []
     for step in selected:
-        frame = block_changes(_checkpoint_parameters(store, step), initial)
+        frame = block_changes(checkpoint_parameters(store, step), initial)
         frame.insert(0, "updates", step + 1)
         frame.insert(0, "step", step)
         frames.append(frame)
@@ -238,7 +248,7 @@ def final_weight_changes(
         last = store.latest_checkpoint()
         if last is None:
             continue
-        name = str(store.manifest.get("model_name"))
+        name = str(run_model_name(store))
         base = initial if initial is not None else cache.get(name)
         if base is None:
             base = cache[name] = initial_parameters(store)

@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
         warnings.filterwarnings("ignore", message=".*deprecated", category=DeprecationWarning)
         args = build_parser().parse_args(argv)
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            print(f"circuitdyn {args.command}: warning: {message}", file=sys.stderr)
+
+        warnings.showwarning = show  # restored when catch_warnings exits
         try:
             return int(args.func(args) or 0)
         except KeyboardInterrupt:

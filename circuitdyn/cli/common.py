@@ -7,10 +7,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from circuitdyn.activations import ABLATIONS
 from circuitdyn.models import load_model
 from circuitdyn.registry import Registry
 from circuitdyn.tasks import TASKS, Batch, Task, load_task
 from circuitdyn.tasks.base import take_examples
+from circuitdyn.tasks.sv_jsonl import MAX_BAD_FRACTION
+from circuitdyn.tuning import data_notes
 
 # Exceptions that report a problem with the user's input, files or environment: shown as one
 # line. ValueError covers StoreError, UnsupportedModelError and bad options; OSError covers
@@ -79,34 +82,82 @@ def add_model_options(parser: argparse.ArgumentParser, *, task: str) -> None:
         choices=TASKS.names(),
         help=f"{choices_help(TASKS)} (default: {task})",
     )
-    parser.add_argument("--data", default=None, help="data file of file-based tasks (sv-jsonl)")
-    parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="refuse a data file on its first bad row (default: skip bad rows with a warning)",
-    )
+    add_data_options(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batch order (default: 0)")
 
 
+def add_data_options(parser: argparse.ArgumentParser, *, general: bool = False) -> None:
+    """The options of file-based tasks (sv-jsonl): they become the task's constructor options."""
+    group = parser.add_argument_group("data files (sv-jsonl)")
+    group.add_argument("--data", default=None, help="the task's data file")
+    group.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse the file on its first unusable row (default: skip such rows, with a summary)",
+    )
+    group.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=MAX_BAD_FRACTION,
+        help=f"refuse the file when more than this share of its rows is unusable "
+        f"(default: {MAX_BAD_FRACTION})",
+    )
+    group.add_argument(
+        "--prepend-bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepend the tokenizer's BOS token (the paper does not; default: the model's)",
+    )
+    if general:
+        group.add_argument(
+            "--general-data",
+            default=None,
+            help="text file (one passage per line) whose held-out LM loss measures general "
+            "capability (default: the non-verb tokens of the held-out rows)",
+        )
+
+
 def task_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The task constructor's options given by --data / --strict."""
+    """The task constructor's options given by the data options."""
     spec = TASKS[args.task]
+    general_data = getattr(args, "general_data", None)
     if spec.needs_data and args.data is None:
         raise CliError(f"task {args.task} reads a file: give --data FILE")
-    if not spec.needs_data and args.data is not None:
-        raise CliError(f"task {args.task} takes no --data file; drop --data or use --task sv-jsonl")
+    if not spec.needs_data and (args.data is not None or general_data is not None):
+        raise CliError(
+            f"task {args.task} takes no --data / --general-data file; drop it or use --task sv-jsonl"
+        )
     if args.data is None:
         return {}
-    if not Path(args.data).is_file():
-        raise CliError(f"--data {args.data}: no such file")
-    return {"path": args.data, "strict": args.strict}
+    for flag, path in (("--data", args.data), ("--general-data", general_data)):
+        if path is not None and not Path(path).is_file():
+            raise CliError(f"{flag} {path}: no such file")
+    options: dict[str, Any] = {"path": args.data, "max_bad_fraction": args.max_bad_fraction}
+    if args.strict:
+        options["strict"] = True
+    if args.prepend_bos is not None:
+        options["prepend_bos"] = args.prepend_bos
+    if general_data is not None:
+        options["general_data"] = general_data
+    return options
+
+
+def ablation_of(args: argparse.Namespace) -> str:
+    """--ablation, or the task's default ablation."""
+    return args.ablation or TASKS[args.task].default_ablation
 
 
 def model_and_task(args: argparse.Namespace, **load: Any) -> tuple[Any, Task]:
+    """The model and the task, with corrupted twins when the ablation needs them."""
     options = task_options(args)
     model = load_model(args.model, device=args.device, **load)
-    return model, load_task(args.task, model, seed=args.seed, **options)
+    ablation = ablation_of(args)
+    task = load_task(
+        args.task, model, seed=args.seed, twins=ABLATIONS[ablation].needs_corrupted, **options
+    )
+    data_notes(task, ablation)  # warns about skipped rows' effects and blind read positions
+    return model, task
 
 
 def examples(task: Task, split: str, n: int, batch_size: int, seed: int) -> list[Batch]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from circuitdyn.analysis.pipeline import analyze_run, write_tables
 from circuitdyn.cli.common import CliError, check_writable
-from circuitdyn.report import analyze_run, build_report, write_tables
+from circuitdyn.report import build_report
 from circuitdyn.store import RunStore
 
 

@@ -14,6 +14,7 @@ from circuitdyn.activations import ABLATIONS
 from circuitdyn.attribution import METHODS, attribute
 from circuitdyn.cli.common import (
     CliError,
+    ablation_of,
     add_model_options,
     check_writable,
     choices_help,
@@ -41,7 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="dev", help="split to attribute on (default: dev)")
     p.add_argument("--n-examples", type=int, default=64, help="examples (default: 64)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
-    p.add_argument("--out", required=True, type=Path, help="output: .json or .safetensors")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output: .json (EAP-IG / MIB graph JSON), .pt (EAP-IG) or .safetensors",
+    )
     p.set_defaults(func=_attribute)
 
     p = subparsers.add_parser(
@@ -51,7 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fractions), run the model with only each circuit's edges, and report faithfulness "
         "(m(C) - m(empty)) / (m(full) - m(empty)) per size, with CPR and CMD.",
     )
-    p.add_argument("--scores", required=True, type=Path, help="scores file (.json/.safetensors)")
+    p.add_argument(
+        "--scores",
+        required=True,
+        type=Path,
+        help="scores file: .json or .pt (circuitdyn, EAP-IG, MIB) or .safetensors",
+    )
     add_model_options(p, task="agreement")
     _ablation_options(p)
     p.add_argument("--n-examples", type=int, default=256, help="examples (default: 256)")
@@ -75,15 +86,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _ablation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--ablation", default="corrupted", choices=ABLATIONS.names(), help=choices_help(ABLATIONS)
+        "--ablation",
+        default=None,
+        choices=ABLATIONS.names(),
+        help=f"{choices_help(ABLATIONS)} (default: the task's: mean for sv-jsonl, else corrupted)",
     )
 
 
 def _reference(args: argparse.Namespace, task: Task) -> list[Batch] | None:
     """Mean ablation averages over the train split, never over the scored examples."""
-    if not ABLATIONS[args.ablation].needs_means:
+    if not ABLATIONS[ablation_of(args)].needs_means:
         return None
     return examples(task, "train", args.n_examples, args.batch_size, args.seed)
+
+
+def _read_scores(path: Path) -> Scores:
+    """circuitdyn or EAP-IG scores: .json (EAP-IG / MIB), .pt (EAP-IG) or .safetensors."""
+    readers = {".json": Scores.from_json, ".pt": Scores.from_pt, ".safetensors": Scores.load}
+    if path.suffix not in readers:
+        raise CliError(f"--scores {path}: use a .json, .pt or .safetensors file")
+    return readers[path.suffix](path)
 
 
 def _attribute(args: argparse.Namespace) -> int:
@@ -98,17 +120,15 @@ def _attribute(args: argparse.Namespace) -> int:
         data,
         task.metric,
         method=args.method,
-        ablation=args.ablation,
+        ablation=ablation_of(args),
         steps=args.steps,
         reference=_reference(args, task),
         progress=True,
     )
     scores.meta.update(model=args.model, task=args.task, split=args.split, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.suffix == ".safetensors":
-        scores.save(args.out)
-    else:
-        scores.to_json(args.out)
+    writers = {".safetensors": scores.save, ".pt": scores.to_pt}
+    writers.get(args.out.suffix, scores.to_json)(args.out)
     flat = scores.flat()
     print(f"scored {graph.n_edges} edges on {scores.meta['n_examples']} examples -> {args.out}")
     for index in flat.abs().argsort(descending=True)[:5].tolist():
@@ -121,9 +141,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_writable(args.out)
     if not args.scores.is_file():
         raise CliError(f"--scores {args.scores}: no such file (make one with circuitdyn attribute)")
-    scores = (
-        Scores.from_json(args.scores) if args.scores.suffix == ".json" else Scores.load(args.scores)
-    )
+    scores = _read_scores(args.scores)
     model, task = model_and_task(args, dtype=args.dtype)
     graph = Graph.from_model(model)
     if scores.graph != graph:
@@ -134,7 +152,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         scores,
         examples(task, args.split, args.n_examples, args.batch_size, args.seed),
         task.metric,
-        ablation=args.ablation,
+        ablation=ablation_of(args),
         fractions=args.fractions,
         selection=args.selection,
         absolute=not args.signed,
@@ -145,7 +163,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     attrs = curve.attrs
     print(
         f"{args.task} on {args.model}: {attrs['n_examples']} examples ({args.split}), "
-        f"{args.ablation} ablation, {args.selection}; m(full) = {attrs['m_full']:.4f}, "
+        f"{ablation_of(args)} ablation, {args.selection}; m(full) = {attrs['m_full']:.4f}, "
         f"m(empty) = {attrs['m_empty']:.4f}"
     )
     print(curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

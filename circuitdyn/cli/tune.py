@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitdyn.cli.common import (
+    add_data_options,
     check_output_dir,
     choices_help,
     task_options,
@@ -48,9 +49,12 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs.update(type=float, nargs=2, metavar=("B1", "B2"))
             default = " ".join(str(v) for v in default)
         elif f.type.endswith("| None"):
-            base = {"int": int, "float": float}[f.type.split(" |")[0]]
-            kwargs.update(type=_optional(base), metavar=base.__name__.upper())
-            help_text += " ('none': unset)"
+            base = {"int": int, "float": float, "str": str}[f.type.split(" |")[0]]
+            if choices is None:
+                kwargs.update(type=_optional(base), metavar=base.__name__.upper())
+                help_text += " ('none': unset)"
+            else:
+                kwargs["type"] = base
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
         if choices is not None:
@@ -69,12 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "directory (manifest, per-step snapshots, metrics, dev evaluations, checkpoints).",
     )
     add_config_options(p)
-    p.add_argument("--data", default=None, help="data file of file-based tasks (sv-jsonl)")
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="refuse a data file on its first bad row (default: skip bad rows with a warning)",
-    )
+    add_data_options(p, general=True)
     p.add_argument("--out", required=True, type=Path, help="run directory")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -88,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> TuningConfig:
         for f in dataclasses.fields(TuningConfig)
         if f.name not in _NOT_OPTIONS
     }
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # nargs=2
     return TuningConfig(**values, task_options=task_options(args))
 
 
@@ -108,6 +108,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         if f.name in _NOT_OPTIONS:
             continue
         flag, value = "--" + f.name.replace("_", "-"), getattr(args, f.name)
+        if value is None and f.metadata.get("choices") is not None:
+            continue  # resolved by the config (the task's default)
         if isinstance(value, bool):
             out.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list | tuple):
@@ -115,7 +117,11 @@ def _argv(args: argparse.Namespace) -> list[str]:
         else:
             out += [flag, "none" if value is None else str(value)]
     if args.data:
-        out += ["--data", args.data]
+        out += ["--data", args.data, "--max-bad-fraction", str(args.max_bad_fraction)]
     if args.strict:
         out.append("--strict")
+    if args.prepend_bos is not None:
+        out.append("--prepend-bos" if args.prepend_bos else "--no-prepend-bos")
+    if args.general_data:
+        out += ["--general-data", args.general_data]
     return [*out, "--out", str(args.out)]

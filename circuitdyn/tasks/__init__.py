@@ -7,6 +7,7 @@ their own tokenizer; see `circuitdyn.tasks.sv_jsonl`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,22 +18,25 @@ from circuitdyn.registry import Registry
 from circuitdyn.tasks.agreement_tasks import AgreementTask
 from circuitdyn.tasks.base import Batch, Metric, Task, accuracy, lm_loss, logit_diff
 from circuitdyn.tasks.sv_jsonl import SvJsonlTask
+from circuitdyn.tasks.text import TextTask
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """How to build a task: ``build(tokenizer, model_cfg, seed, **options) -> Task`` (`model_cfg`
-    is the model's config or None). `general`, when set, builds the general-capability task that
-    tuning evaluates beside it, from the same arguments. `needs_data`: the task reads a file
-    (option ``path``, the CLI's ``--data``)."""
+    """How to build a task: ``build(tokenizer, model_cfg, seed, twins, **options) -> Task``
+    (`model_cfg` is the model's config or None; `twins`: corrupted twins are needed). `general`,
+    when set, builds the general-capability task that tuning evaluates beside it, from the same
+    arguments. `needs_data`: the task reads a file (option ``path``, the CLI's ``--data``).
+    `default_ablation`: the ablation used when none is chosen."""
 
     build: Callable[..., Task]
     general: Callable[..., Task] | None = None
     needs_data: bool = False
+    default_ablation: str = "corrupted"
 
 
 def _agreement_mode(mode: str) -> Callable[..., Task]:
-    def build(tokenizer: Any, cfg: Any, seed: int, **options: Any) -> Task:
+    def build(tokenizer: Any, cfg: Any, seed: int, twins: bool, **options: Any) -> Task:
         if "mode" in options:
             raise ValueError(f"the task name {mode!r} already sets the mode; drop mode=")
         return AgreementTask(tokenizer, mode=mode, seed=seed, **options)
@@ -40,16 +44,30 @@ def _agreement_mode(mode: str) -> Callable[..., Task]:
     return build
 
 
-def _general_of_agreement(tokenizer: Any, cfg: Any, seed: int, **options: Any) -> Task:
+def _general_of_agreement(tokenizer: Any, cfg: Any, seed: int, twins: bool, **options: Any) -> Task:
     sizes = {k: v for k, v in options.items() if k in ("n_train", "n_dev", "n_test")}
     return AgreementTask(tokenizer, mode="general", seed=seed, **sizes)
 
 
-def _sv_jsonl(tokenizer: Any, cfg: Any, seed: int, **options: Any) -> Task:
+def _sv_jsonl(tokenizer: Any, cfg: Any, seed: int, twins: bool, **options: Any) -> Task:
     # Splits come from a stable hash of each row, so the seed does not apply.
+    options.pop("general_data", None)
     if cfg is not None and "prepend_bos" not in options:
         options["prepend_bos"] = bool(getattr(cfg, "default_prepend_bos", True))
-    return SvJsonlTask(tokenizer, **options)
+    return SvJsonlTask(tokenizer, twins=twins, **options)
+
+
+def _general_of_sv_jsonl(tokenizer: Any, cfg: Any, seed: int, twins: bool, **options: Any) -> Task:
+    """LM loss on a held-out text file (option ``general_data``), else on the non-verb tokens of
+    the sv-jsonl file's own held-out splits."""
+    path = options.pop("general_data", None)
+    bos = options.get("prepend_bos", bool(getattr(cfg, "default_prepend_bos", True)))
+    if path is not None:
+        return TextTask(tokenizer, path=path, prepend_bos=bos)
+    kept = {k: v for k, v in options.items() if k not in ("verb_weight", "strict")}
+    with warnings.catch_warnings():  # the skipped rows were reported by the task itself
+        warnings.simplefilter("ignore")
+        return _sv_jsonl(tokenizer, cfg, seed, False, **kept, verb_weight=0.0)
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
@@ -70,7 +88,7 @@ TASKS.add(
 )
 TASKS.add(
     "sv-jsonl",
-    TaskSpec(_sv_jsonl, needs_data=True),
+    TaskSpec(_sv_jsonl, general=_general_of_sv_jsonl, needs_data=True, default_ablation="mean"),
     help="the paper's subject-verb JSONL files, for models with their own tokenizer",
 )
 
@@ -82,6 +100,7 @@ __all__ = [
     "SvJsonlTask",
     "Task",
     "TaskSpec",
+    "TextTask",
     "accuracy",
     "general_task",
     "lm_loss",
@@ -90,15 +109,17 @@ __all__ = [
 ]
 
 
-def load_task(name: str, model_or_tokenizer: Any, *, seed: int = 0, **options: Any) -> Task:
+def load_task(
+    name: str, model_or_tokenizer: Any, *, seed: int = 0, twins: bool = True, **options: Any
+) -> Task:
     """Build the task `name` (a `TASKS` name) for a model (a HookedTransformer; its tokenizer is
     used) or a tokenizer. `options` go to the task's constructor (`AgreementTask` or
     `SvJsonlTask`); for ``sv-jsonl``, ``prepend_bos`` defaults to the model's
-    ``cfg.default_prepend_bos``."""
+    ``cfg.default_prepend_bos``. `twins`: the run needs corrupted twins (corrupted ablation);
+    a file-based task then uses only rows whose twins align."""
     spec = TASKS[name]
-    return spec.build(
-        _tokenizer_of(model_or_tokenizer), getattr(model_or_tokenizer, "cfg", None), seed, **options
-    )
+    cfg = getattr(model_or_tokenizer, "cfg", None)
+    return spec.build(_tokenizer_of(model_or_tokenizer), cfg, seed, twins, **options)
 
 
 def general_task(
@@ -108,9 +129,8 @@ def general_task(
     spec = TASKS[name]
     if spec.general is None:
         return None
-    return spec.general(
-        _tokenizer_of(model_or_tokenizer), getattr(model_or_tokenizer, "cfg", None), seed, **options
-    )
+    cfg = getattr(model_or_tokenizer, "cfg", None)
+    return spec.general(_tokenizer_of(model_or_tokenizer), cfg, seed, False, **options)
 
 
 def _tokenizer_of(model_or_tokenizer: Any) -> PreTrainedTokenizerBase:

@@ -113,7 +113,8 @@ def validate_batch(batch: Batch) -> None:
             f"shape of read_pos {tuple(k_shape)}"
         )
     used = batch.read_pos >= 0
-    if not bool(used.any(dim=1).all()):
+    # k = 0: a batch of plain text (a task with a loss and no read positions).
+    if k_shape[1] > 0 and not bool(used.any(dim=1).all()):
         raise ValueError("every example needs at least one read position (read_pos >= 0)")
     lengths = mask.sum(dim=1, keepdim=True)
     if bool((used & (batch.read_pos >= lengths)).any()):
@@ -154,6 +155,15 @@ def checked_metric(
         bad = (~torch.isfinite(values)).nonzero()[:, 0].tolist()
         raise ValueError(f"the metric is NaN/inf on {what} for examples {bad[:10]}")
     return values
+
+
+def read_positions(batch: Batch) -> Bool[Tensor, "batch pos"]:
+    """True at each example's read positions (where the metric is read)."""
+    mask = torch.zeros_like(batch.attention_mask)
+    used = batch.read_pos >= 0
+    rows = torch.arange(batch.size, device=mask.device)[:, None].expand_as(batch.read_pos)
+    mask[rows[used], batch.read_pos[used]] = True
+    return mask
 
 
 def gather_read_logits(

@@ -22,11 +22,17 @@ paper swaps the two the same way). ``"agreement"``: clean = ``clean_text``, targ
 differ only at the verbs, a read position's prefix differs only after the first verb: corrupted
 ablation has no effect on the first verb's prediction in this format.
 
-Every row is validated (JSON, fields, list lengths, positions inside the sequence and after its
-first token, the token at each position is the stated verb id and decodes to the stated verb,
-clean and corrupted token sequences of equal length with the same verb positions, different
-verb ids). Bad rows are reported with their line numbers: one ValueError listing them, or, with
-``strict=False``, a warning listing them and the rows skipped.
+Every row is validated, and rows are kept for what the run needs. Files written by the paper's
+pipeline have a few percent of defective rows; a defect is either *broken* (bad JSON, missing or
+malformed fields, a verb that the flip left unchanged, a position out of range or a stated verb id
+that is not the token at its position; the twin's verb ids are the foils, so both sides must hold
+their verbs) or a *twin that does not align* (the two texts tokenize to different lengths or put
+their verbs at different positions). Training, mean and zero ablation read only one side, so rows with a
+misaligned twin are used for them; corrupted ablation needs aligned twins (``twins=True``) and
+uses only those. Unusable rows are skipped with a summary (`RowReport`: a count per reason and
+the first line numbers), as a warning; the file is refused, with the summary, when the unusable
+fraction exceeds ``max_bad_fraction`` or nothing is left, and on the first unusable row with
+``strict=True``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,129 +61,158 @@ SV_FIELDS: tuple[str, ...] = (
     "corr_verbs",
 )
 _LIST_FIELDS = SV_FIELDS[2:]
-_MAX_LISTED = 20  # bad lines named in an error message before "... and N more"
+_INT_FIELDS = ("clean_verb_pos", "corr_verb_pos", "clean_verb_ids", "corr_verb_ids")
+_LINES_SHOWN = 5  # line numbers named per reason in a summary
+MAX_BAD_FRACTION = 0.1  # default: refuse a file when more than this share of rows is unusable
+TWIN = "twin does not align"  # prefix of the reasons that only corrupted ablation minds
+
+
+@dataclass(frozen=True)
+class SvSide:
+    """One text of a row, tokenized (ids without special tokens), with its verbs."""
+
+    text: str
+    ids: tuple[int, ...]
+    verb_pos: tuple[int, ...]
+    verb_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class SvRow:
-    """A validated row, tokenized (ids without special tokens)."""
+    """A parsed row. `twin_problem`: why the two sides do not align position by position (None
+    when they do)."""
 
     line: int
-    clean_text: str
-    clean_ids: tuple[int, ...]
-    corr_ids: tuple[int, ...]
-    verb_pos: tuple[int, ...]  # the same in clean and corrupted (validated)
-    clean_verb_ids: tuple[int, ...]
-    corr_verb_ids: tuple[int, ...]
+    clean: SvSide
+    corr: SvSide
+    twin_problem: str | None
+
+    @property
+    def clean_text(self) -> str:
+        return self.clean.text
+
+    def sides(self, mode: str) -> tuple[SvSide, SvSide]:
+        """(the side the model reads, its twin) in `mode`."""
+        return (self.corr, self.clean) if mode == "disagreement" else (self.clean, self.corr)
+
+    def problem(self, twins: bool) -> str | None:
+        """Why the row cannot be used (with or without corrupted twins), or None."""
+        if twins and self.twin_problem is not None:
+            return f"{TWIN} ({self.twin_problem})"
+        return None
+
+
+@dataclass
+class RowReport:
+    """Which rows of a file a task uses: `total` rows, `used`, and the line numbers of the
+    skipped ones by reason."""
+
+    path: str
+    total: int = 0
+    used: int = 0
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped.setdefault(reason, []).append(line)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(len(lines) for lines in self.skipped.values())
+
+    def summary(self) -> str:
+        """One line: rows used, and per reason the count and the first line numbers."""
+        parts = []
+        for reason, lines in sorted(self.skipped.items(), key=lambda item: -len(item[1])):
+            shown = ", ".join(map(str, lines[:_LINES_SHOWN]))
+            more = ", ..." if len(lines) > _LINES_SHOWN else ""
+            parts.append(f"{len(lines)} {reason} (line {shown}{more})")
+        skipped = f"; skipped {'; '.join(parts)}" if parts else ""
+        return f"{self.path}: {self.used} of {self.total} rows used{skipped}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "total": self.total,
+            "used": self.used,
+            "skipped": {reason: lines for reason, lines in self.skipped.items()},
+        }
 
 
 def read_sv_jsonl(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, *, strict: bool = True
-) -> list[SvRow]:
-    """Parse, tokenize and validate a file; see the module docstring for the checks."""
+    path: str | Path, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[SvRow], dict[str, list[int]]]:
+    """Parse and tokenize a file: the rows that parse (each side checked, see `SvRow`) and the
+    line numbers of broken rows by reason."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sv-jsonl file not found: {path}")
     rows: list[SvRow] = []
-    bad: list[str] = []
+    broken: dict[str, list[int]] = {}
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            row, problem = _parse_row(line, line_number, tokenizer)
-            if problem is not None:
-                bad.append(f"line {line_number}: {problem}")
+            row = _parse_row(line, line_number, tokenizer)
+            if isinstance(row, str):
+                broken.setdefault(row, []).append(line_number)
             else:
                 rows.append(row)
-    if bad:
-        listed = "\n  ".join(bad[:_MAX_LISTED])
-        more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-        message = f"{path}: {len(bad)} bad row(s) of {len(bad) + len(rows)}:\n  {listed}{more}"
-        if strict:
-            raise ValueError(message + "\n(pass strict=False to skip them with a warning)")
-        warnings.warn(message + "\n(skipped)", stacklevel=2)
-    if not rows:
-        raise ValueError(f"{path}: no valid rows")
-    return rows
+    return rows, broken
 
 
-def _parse_row(
-    line: str, line_number: int, tokenizer: PreTrainedTokenizerBase
-) -> tuple[SvRow | None, str | None]:
+def _parse_row(line: str, line_number: int, tokenizer: PreTrainedTokenizerBase) -> SvRow | str:
+    """The row, or the reason it is broken (a short category, the same for alike rows)."""
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as error:
-        return None, f"not valid JSON ({error.msg})"
+    except json.JSONDecodeError:
+        return "bad JSON"
     if not isinstance(record, dict):
-        return None, "not a JSON object"
-    missing = [name for name in SV_FIELDS if name not in record]
-    if missing:
-        return None, f"missing field(s) {missing}"
-    if not isinstance(record["clean_text"], str) or not isinstance(record["corr_text"], str):
-        return None, "clean_text and corr_text must be strings"
+        return "not a JSON object"
+    if any(name not in record for name in SV_FIELDS):
+        return "missing fields"
     lists = {name: record[name] for name in _LIST_FIELDS}
-    if not all(isinstance(value, list) for value in lists.values()):
-        return None, f"{list(_LIST_FIELDS)} must be lists"
-    n_verbs = {len(value) for value in lists.values()}
-    if len(n_verbs) != 1:
-        counts = {name: len(value) for name, value in lists.items()}
-        return None, f"verb lists of different lengths {counts}"
-    if n_verbs == {0}:
-        return None, "no verbs"
-    int_fields = ("clean_verb_pos", "corr_verb_pos", "clean_verb_ids", "corr_verb_ids")
-    if not all(isinstance(x, int) for name in int_fields for x in lists[name]):
-        return None, f"{list(int_fields)} must hold integers"
+    if not (
+        isinstance(record["clean_text"], str)
+        and isinstance(record["corr_text"], str)
+        and all(isinstance(value, list) for value in lists.values())
+        and all(isinstance(x, int) for name in _INT_FIELDS for x in lists[name])
+    ):
+        return "malformed fields"
+    if len({len(value) for value in lists.values()}) != 1:
+        return "verb lists of different lengths"
+    if not lists["clean_verb_pos"]:
+        return "no verbs"
+    if any(a == b for a, b in zip(lists["clean_verb_ids"], lists["corr_verb_ids"], strict=True)):
+        return "verb not changed"
+    clean = _side(record, "clean", tokenizer)
+    corr = _side(record, "corr", tokenizer)
+    for side in (clean, corr):
+        problem = _verb_problem(side)
+        if problem is not None:
+            return problem
+    twin_problem = None
+    if len(clean.ids) != len(corr.ids):
+        twin_problem = "texts tokenize to different lengths"
+    elif clean.verb_pos != corr.verb_pos:
+        twin_problem = "verb positions differ"
+    return SvRow(line_number, clean, corr, twin_problem)
 
-    clean_ids = tokenizer(record["clean_text"], add_special_tokens=False)["input_ids"]
-    corr_ids = tokenizer(record["corr_text"], add_special_tokens=False)["input_ids"]
-    if len(clean_ids) != len(corr_ids):
-        return None, (
-            f"clean and corrupted texts tokenize to different lengths "
-            f"({len(clean_ids)} vs {len(corr_ids)} tokens); positions would not align"
-        )
-    if lists["clean_verb_pos"] != lists["corr_verb_pos"]:
-        return None, "clean_verb_pos and corr_verb_pos differ; positions would not align"
-    for side, ids in (("clean", clean_ids), ("corr", corr_ids)):
-        for pos, verb_id, verb in zip(
-            lists[f"{side}_verb_pos"],
-            lists[f"{side}_verb_ids"],
-            lists[f"{side}_verbs"],
-            strict=True,
-        ):
-            if not 1 <= pos < len(ids):
-                return None, (
-                    f"{side}_verb_pos {pos} outside 1..{len(ids) - 1} (the verb must have a "
-                    "preceding token in the text)"
-                )
-            if ids[pos] != verb_id:
-                return None, (
-                    f"{side} token at position {pos} is id {ids[pos]} "
-                    f"({tokenizer.decode([ids[pos]])!r}), not the stated {side}_verb_ids {verb_id}"
-                )
-            if tokenizer.decode([verb_id]).strip() != str(verb).strip():
-                return None, (
-                    f"{side}_verb_ids {verb_id} decodes to {tokenizer.decode([verb_id])!r}, "
-                    f"not the stated verb {verb!r}"
-                )
-    same = [
-        pos
-        for pos, a, b in zip(
-            lists["clean_verb_pos"], lists["clean_verb_ids"], lists["corr_verb_ids"], strict=True
-        )
-        if a == b
-    ]
-    if same:
-        return None, f"clean and corrupted verb ids are equal at position(s) {same}"
-    row = SvRow(
-        line=line_number,
-        clean_text=record["clean_text"],
-        clean_ids=tuple(clean_ids),
-        corr_ids=tuple(corr_ids),
-        verb_pos=tuple(lists["clean_verb_pos"]),
-        clean_verb_ids=tuple(lists["clean_verb_ids"]),
-        corr_verb_ids=tuple(lists["corr_verb_ids"]),
-    )
-    return row, None
+
+def _side(record: dict[str, Any], side: str, tokenizer: PreTrainedTokenizerBase) -> SvSide:
+    text = record[f"{side}_text"]
+    ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return SvSide(text, ids, tuple(record[f"{side}_verb_pos"]), tuple(record[f"{side}_verb_ids"]))
+
+
+def _verb_problem(side: SvSide) -> str | None:
+    """Why a side's stated verbs are not where it says (the verb is predicted at p - 1, so it
+    needs a token before it), or None."""
+    for pos, verb_id in zip(side.verb_pos, side.verb_ids, strict=True):
+        if not 1 <= pos < len(side.ids):
+            return "verb position out of range"
+        if side.ids[pos] != verb_id:
+            return "verb id is not the token at its position"
+    return None
 
 
 def sv_records(
@@ -253,10 +288,17 @@ class SvJsonlTask(EncodedTask):
         path: one file, split into train/dev/test by a stable hash of ``clean_text`` (80/10/10);
             or give ``train``, ``dev`` and ``test`` files instead.
         mode: ``"disagreement"`` (default, the paper's training task) or ``"agreement"``.
-        prepend_bos: prepend the tokenizer's BOS token (positions shift by one).
-        strict: raise on bad rows (default) or skip them with a warning.
-        verb_weight: loss weight of positions predicting verbs (see `AgreementTask`).
+        prepend_bos: prepend the tokenizer's BOS token (positions shift by one; the paper does
+            not).
+        twins: provide the corrupted twins (needed by corrupted ablation); then only rows whose
+            twins align are used. Without twins, rows whose twin does not align are used too.
+        strict: refuse the file on its first unusable row.
+        max_bad_fraction: refuse the file when more than this share of its rows is unusable.
+        verb_weight: loss weight of positions predicting verbs (0: the LM loss on the other
+            tokens, the general-capability measure of sv-jsonl runs).
         n_train, n_dev, n_test: keep at most this many rows of each split (file order).
+
+    ``report`` (`RowReport`) says which rows were used and why others were skipped.
     """
 
     def __init__(
@@ -269,7 +311,9 @@ class SvJsonlTask(EncodedTask):
         test: str | Path | None = None,
         mode: Literal["disagreement", "agreement"] = "disagreement",
         prepend_bos: bool = True,
-        strict: bool = True,
+        twins: bool = True,
+        strict: bool = False,
+        max_bad_fraction: float = MAX_BAD_FRACTION,
         verb_weight: float = 1.0,
         n_train: int | None = None,
         n_dev: int | None = None,
@@ -284,19 +328,68 @@ class SvJsonlTask(EncodedTask):
             raise ValueError("sv-jsonl needs path= or all of train=, dev= and test=")
         if prepend_bos and tokenizer.bos_token_id is None:
             raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction}")
         self.name = "sv-jsonl"
         self.mode = mode
         self.tokenizer = tokenizer
         self.prepend_bos = prepend_bos
+        self.twins = twins
         self.verb_weight = float(verb_weight)
+        sources = {"all": path} if path is not None else files
+        self.report = RowReport(", ".join(str(f) for f in sources.values()))
+        usable: dict[str, list[SvRow]] = {}
+        for name, file in sources.items():
+            rows, broken = read_sv_jsonl(file, tokenizer)
+            usable[name] = self._usable(rows, broken, strict)
+        self._check_enough(max_bad_fraction)
         if path is not None:
-            rows = read_sv_jsonl(path, tokenizer, strict=strict)
+            rows = usable["all"]
             by_split = {s: [r for r in rows if split_of(r.clean_text) == s] for s in SPLITS}
         else:
-            by_split = {s: read_sv_jsonl(files[s], tokenizer, strict=strict) for s in SPLITS}
+            by_split = usable
         caps = {"train": n_train, "dev": n_dev, "test": n_test}
         self._rows = {s: by_split[s][: caps[s]] for s in SPLITS}
         self._encoded = {s: self._encode(self._rows[s]) for s in SPLITS}
+
+    def _usable(self, rows: list[SvRow], broken: dict[str, list[int]], strict: bool) -> list[SvRow]:
+        """The rows this task can use; the others go into `report` (or raise, with `strict`)."""
+        skipped = {reason: list(lines) for reason, lines in broken.items()}
+        kept = []
+        for row in rows:
+            problem = row.problem(self.twins)
+            if problem is None:
+                kept.append(row)
+            else:
+                skipped.setdefault(problem, []).append(row.line)
+        if strict and skipped:
+            line, reason = min((lines[0], reason) for reason, lines in skipped.items())
+            raise ValueError(
+                f"{self.report.path} line {line}: {reason}; --strict refuses the file on its "
+                "first bad row (without it, bad rows are skipped with a summary)"
+            )
+        for reason, lines in skipped.items():
+            for line in lines:
+                self.report.skip(reason, line)
+        self.report.total += len(kept) + sum(len(lines) for lines in skipped.values())
+        self.report.used += len(kept)
+        return kept
+
+    def _check_enough(self, max_bad_fraction: float) -> None:
+        report = self.report
+        hint = ""
+        if self.twins and any(reason.startswith(TWIN) for reason in report.skipped):
+            hint = " (rows whose twin does not align are usable with mean or zero ablation)"
+        if report.used == 0:
+            raise ValueError(f"{report.summary()}; no usable rows{hint}")
+        if report.n_skipped > max_bad_fraction * report.total:
+            raise ValueError(
+                f"{report.summary()}; {report.n_skipped / report.total:.0%} of the rows are "
+                f"unusable, more than max_bad_fraction={max_bad_fraction:g} (raise it to "
+                f"accept the file){hint}"
+            )
+        if report.n_skipped:
+            warnings.warn(report.summary(), stacklevel=3)
 
     def rows(self, split: str) -> list[SvRow]:
         return list(self._rows[check_split(split)])
@@ -304,26 +397,40 @@ class SvJsonlTask(EncodedTask):
     def encoded(self, split: str) -> EncodedSplit:
         return self._encoded[check_split(split)]
 
+    def identical_prefix_fraction(self, split: str) -> float:
+        """With twins: the fraction of read positions whose clean and corrupted prefixes (the
+        tokens up to and including the read position) are identical. Corrupted ablation scores
+        exactly zero there, as nothing upstream differs."""
+        encoded = self.encoded(split)
+        if encoded.corrupted is None:
+            raise ValueError("this task has no corrupted twins (twins=False)")
+        differs = (encoded.clean != encoded.corrupted) & encoded.attention_mask
+        # first differing position per example (n_pos when none)
+        n_pos = differs.shape[1]
+        first = torch.where(differs.any(1), differs.float().argmax(1), torch.tensor(n_pos))
+        used = encoded.read_pos >= 0
+        same = (encoded.read_pos < first[:, None]) & used
+        return float(same.sum()) / max(1, int(used.sum()))
+
     def _encode(self, rows: list[SvRow]) -> EncodedSplit:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         if not rows:
             empty = torch.zeros((0, 1), dtype=torch.long)
-            return EncodedSplit(empty, empty.bool(), empty, empty, empty, empty, None)
+            return EncodedSplit(empty, empty.bool(), empty, empty, empty, None, None)
         prefix = [tok.bos_token_id] if self.prepend_bos else []
         shift = len(prefix)
-        disagree = self.mode == "disagreement"
-        behaviour = [prefix + list(r.corr_ids if disagree else r.clean_ids) for r in rows]
-        other = [prefix + list(r.clean_ids if disagree else r.corr_ids) for r in rows]
-        clean = pad_sequences(behaviour, pad)
-        corrupted = pad_sequences(other, pad)
-        lengths = torch.tensor([len(seq) for seq in behaviour])
+        sides = [row.sides(self.mode) for row in rows]
+        clean = pad_sequences([prefix + list(read.ids) for read, _ in sides], pad)
+        corrupted = None
+        if self.twins:
+            corrupted = pad_sequences([prefix + list(twin.ids) for _, twin in sides], pad)
+        lengths = torch.tensor([len(read.ids) + shift for read, _ in sides])
         mask = torch.arange(clean.shape[1])[None, :] < lengths[:, None]
-        read_pos = pad_sequences([[p + shift - 1 for p in r.verb_pos] for r in rows], -1)
-        target_rows = [r.corr_verb_ids if disagree else r.clean_verb_ids for r in rows]
-        foil_rows = [r.clean_verb_ids if disagree else r.corr_verb_ids for r in rows]
-        target = pad_sequences(target_rows, -1)
-        foil = pad_sequences(foil_rows, -1)
+        read_pos = pad_sequences([[p + shift - 1 for p in read.verb_pos] for read, _ in sides], -1)
+        target = pad_sequences([read.verb_ids for read, _ in sides], -1)
+        # The foil is the twin's verb at the same slot: the verb form the model should not pick.
+        foil = pad_sequences([twin.verb_ids for _, twin in sides], -1)
         lm_weight = None
         if self.verb_weight != 1.0:
             lm_weight = torch.ones(clean.shape)
