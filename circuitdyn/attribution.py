@@ -23,6 +23,7 @@ and a backward to the activations (no weight gradients).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -264,9 +265,7 @@ def attribute(
         check_tokens(batch, model.cfg.d_vocab, model.cfg.n_ctx)
         mask = position_mask(batch, None if positions is None else positions(batch))
         ablated = ablated_sources(model, graph, batch, ablation, means)
-        scores += score_batch(
-            model, graph, batch, metric, ablated, mask, steps=steps, progress=progress
-        )
+        scores += score_batch(BatchJob(model, graph, batch, metric, ablated, mask, steps, progress))
         n_examples += batch.size
     if n_examples == 0:
         raise ValueError("attribute() got no data: the iterable of batches was empty")
@@ -322,22 +321,32 @@ def eap_with_loss(
     return scores, logits, loss_fn(logits, batch)
 
 
-def _eap_batch(
-    model: HookedTransformer,
-    graph: Graph,
-    batch: Batch,
-    metric: Metric,
-    ablated: Tensor,
-    mask: Tensor,
-    *,
-    steps: int,
-    progress: bool,
-) -> Tensor:
+@dataclass(frozen=True)
+class BatchJob:
+    """What an attribution method scores: one batch of `model`'s `graph` for `metric`, with the
+    ablated source activations ``ablated`` [n_src, batch, pos, d_model] (the method may
+    overwrite them), the positions that count ``mask`` [batch, pos], and the options."""
+
+    model: HookedTransformer
+    graph: Graph
+    batch: Batch
+    metric: Metric
+    ablated: Tensor
+    mask: Tensor
+    steps: int = 5  # integrated-gradient steps
+    progress: bool = False
+
+
+def _eap_batch(job: BatchJob) -> Tensor:
     """Summed (not averaged) EAP scores of one batch: the gradient at the clean input."""
+    model, graph, batch, metric, ablated = job.model, job.graph, job.batch, job.metric, job.ablated
     scores = ablated.new_zeros(graph.n_src, graph.n_dst)
     delta = ablated  # becomes ablated - clean, masked, as the clean run writes each source
     leaf: dict[str, Tensor] = {}
-    hooks = [*source_hooks(model, graph, difference_writer(delta, mask)), _leaf_input_hook(leaf)]
+    hooks = [
+        *source_hooks(model, graph, difference_writer(delta, job.mask)),
+        _leaf_input_hook(leaf),
+    ]
     hooks += gradient_hooks(model, graph, delta, scores)
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(batch.clean)
@@ -345,22 +354,13 @@ def _eap_batch(
     return scores
 
 
-def _eap_ig_batch(
-    model: HookedTransformer,
-    graph: Graph,
-    batch: Batch,
-    metric: Metric,
-    ablated: Tensor,
-    mask: Tensor,
-    *,
-    steps: int,
-    progress: bool,
-) -> Tensor:
+def _eap_ig_batch(job: BatchJob) -> Tensor:
     """Summed EAP-IG scores of one batch: the clean run fixes the differences; each of `steps`
     passes back-propagates from an input interpolated between the ablated and the clean one."""
+    model, graph, batch, metric, ablated = job.model, job.graph, job.batch, job.metric, job.ablated
     scores = ablated.new_zeros(graph.n_src, graph.n_dst)
     delta = ablated
-    write = difference_writer(delta, mask)
+    write = difference_writer(delta, job.mask)
     leaf: dict[str, Tensor] = {}
 
     def write_and_keep_input(index: slice | int, value: Tensor) -> None:
@@ -373,6 +373,7 @@ def _eap_ig_batch(
     clean_input = leaf["clean_input"]
     # delta[0] is zero outside the mask, so positions that are not ablated stay clean.
     ablated_input = clean_input + delta[0].to(clean_input.dtype)
+    steps = job.steps
     for k in range(steps):
         alpha = (k + 0.5) / steps
         interpolated = ablated_input + alpha * (clean_input - ablated_input)
@@ -384,34 +385,24 @@ def _eap_ig_batch(
     return scores
 
 
-def _exact_batch(
-    model: HookedTransformer,
-    graph: Graph,
-    batch: Batch,
-    metric: Metric,
-    ablated: Tensor,
-    mask: Tensor,
-    *,
-    steps: int,
-    progress: bool,
-) -> Tensor:
+def _exact_batch(job: BatchJob) -> Tensor:
     """Summed exact scores of one batch: one patched forward pass per real edge."""
+    model, graph, batch, metric, ablated = job.model, job.graph, job.batch, job.metric, job.ablated
     scores = ablated.new_zeros(graph.n_src, graph.n_dst)
     with torch.no_grad():
         clean = _metric_sum(metric, model(batch.clean), batch)
         weights = ablated.new_zeros(graph.n_src, graph.n_dst)
         edges = graph.edge_valid.nonzero().tolist()
-        for i, j in tqdm(edges, desc="exact patching", disable=not progress, leave=False):
+        for i, j in tqdm(edges, desc="exact patching", disable=not job.progress, leave=False):
             weights[i, j] = 1.0
-            logits = run_patched(model, graph, batch.clean, ablated, weights, mask)
+            logits = run_patched(model, graph, batch.clean, ablated, weights, job.mask)
             scores[i, j] = _metric_sum(metric, logits, batch) - clean
             weights[i, j] = 0.0
     return scores
 
 
-BatchScorer = Callable[..., Tensor]
-"""``(model, graph, batch, metric, ablated, mask, *, steps, progress) -> [n_src, n_dst]``: the
-scores of one batch, summed over its examples; `ablated` may be overwritten."""
+BatchScorer = Callable[[BatchJob], Tensor]
+"""An attribution method: the scores ``[n_src, n_dst]`` of one batch, summed over its examples."""
 
 METHODS: Registry[BatchScorer] = Registry("attribution method")
 METHODS.add("eap", _eap_batch, help="gradient at the clean input (one backward pass)")
@@ -422,4 +413,4 @@ METHODS.add(
 )
 METHODS.add("exact", _exact_batch, help="one patched forward pass per edge (ground truth)")
 
-__all__ = ["METHODS", "BatchScorer", "attribute", "eap_with_loss", "gradient_hooks"]
+__all__ = ["METHODS", "BatchJob", "BatchScorer", "attribute", "eap_with_loss", "gradient_hooks"]

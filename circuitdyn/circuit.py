@@ -358,33 +358,30 @@ class Circuit:
         """The EAP-IG JSON payload of this circuit: ``cfg``, ``nodes`` (name -> ``{"in_graph"}``,
         plus ``"score"`` with `scores`), ``edges`` (name -> ``{"score", "in_graph"}``; score 0.0
         without `scores`). `d_model` defaults to ``scores.meta["d_model"]`` (0 when unknown)."""
-        return interop.to_json_dict(self.graph, in_graph=self.mask, **self._extras(scores, d_model))
+        return interop.to_json_dict(self._file(scores, d_model))
 
     def to_json(
         self, path: str | Path, scores: Scores | None = None, *, d_model: int | None = None
     ) -> None:
         """Write `to_dict` as JSON: a file EAP-IG's ``Graph.from_json`` loads with this circuit's
         edges ``in_graph`` (and, with `scores`, their scores)."""
-        interop.write_json(path, self.graph, in_graph=self.mask, **self._extras(scores, d_model))
+        interop.write_json(path, self._file(scores, d_model))
 
     def to_pt(
         self, path: str | Path, scores: Scores | None = None, *, d_model: int | None = None
     ) -> None:
         """Write the circuit (and `scores`) in EAP-IG's ``.pt`` layout (``Graph.from_pt``)."""
-        interop.write_pt(path, self.graph, in_graph=self.mask, **self._extras(scores, d_model))
+        interop.write_pt(path, self._file(scores, d_model))
 
-    def _extras(self, scores: Scores | None, d_model: int | None) -> dict[str, Any]:
+    def _file(self, scores: Scores | None, d_model: int | None) -> interop.EapGraph:
         if scores is None:
-            return {"scores": None, "d_model": d_model, "meta": None}
+            return interop.EapGraph(self.graph, None, self.mask, d_model)
         if not isinstance(scores, Scores):
             raise TypeError(f"scores must be circuitdyn Scores, got {type(scores).__name__}")
         if scores.graph != self.graph:
             raise ValueError(f"scores are over {scores.graph}, the circuit over {self.graph}")
-        return {
-            "scores": scores.edges,
-            "d_model": scores.d_model if d_model is None else d_model,
-            "meta": scores.meta,
-        }
+        d_model = scores.d_model if d_model is None else d_model
+        return interop.EapGraph(self.graph, scores.edges, self.mask, d_model, scores.meta)
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any], *, graph: Graph | None = None) -> Circuit:

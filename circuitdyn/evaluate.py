@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from circuitdyn.activations import ABLATIONS, ablated_sources, mean_activations
+from circuitdyn.activations import ABLATIONS, ablated_sources
 from circuitdyn.circuit import Circuit
 from circuitdyn.graph import Graph
 from circuitdyn.patching import run_patched
@@ -120,23 +120,21 @@ def evaluate_circuits(
     *,
     ablation: str = "corrupted",
     means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
-    reference: Iterable[Batch] | None = None,
-    per_position: bool = False,
 ) -> CircuitMetrics:
     """Metric of the full model, of the empty circuit and of every circuit in `circuits`, per
     example, in one pass over `data` (which may be a one-shot iterator).
 
     Per batch: one source run for the ablated activations (corrupted ablation), one clean
     forward, one patched run for the empty circuit, one per circuit (full and empty circuits
-    reuse the clean / empty values). Mean ablation needs `means` or `reference` batches (and
-    `per_position` for per-position means)."""
+    reuse the clean / empty values). Mean ablation needs `means`
+    (`circuitdyn.activations.mean_activations` over reference batches, never the evaluated ones)."""
     for circuit in circuits:
         _check_graph(graph, circuit)
     device = _device(model)
     if ABLATIONS[ablation].needs_means and means is None:
-        if reference is None:
-            raise ValueError(f"ablation={ablation!r} needs means=<tensor> or reference=<batches>")
-        means = mean_activations(model, graph, reference, per_position=per_position)
+        raise ValueError(
+            f"ablation={ablation!r} needs means=mean_activations(model, graph, reference_batches)"
+        )
     full_circuit = Circuit.full(graph)
     kinds = [
         "full" if c == full_circuit else "empty" if c.n_edges == 0 else "run" for c in circuits
@@ -267,21 +265,11 @@ def faithfulness(
     *,
     ablation: str = "corrupted",
     means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
-    reference: Iterable[Batch] | None = None,
-    per_position: bool = False,
 ) -> Faithfulness:
     """Faithfulness of `circuit` on the examples of `data` (see the module docstring); the
     headline ``result.value`` is MIB's ratio of means."""
     values = evaluate_circuits(
-        model,
-        graph,
-        [circuit],
-        data,
-        metric,
-        ablation=ablation,
-        means=means,
-        reference=reference,
-        per_position=per_position,
+        model, graph, [circuit], data, metric, ablation=ablation, means=means
     )
     return Faithfulness.from_values(values.circuits[0], values.full, values.empty)
 
@@ -302,8 +290,6 @@ def faithfulness_curve(
     absolute: bool = True,
     prune: bool = True,
     means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
-    reference: Iterable[Batch] | None = None,
-    per_position: bool = False,
 ) -> pd.DataFrame:
     """Faithfulness of the circuits `scores` selects at each fraction of `fractions`.
 
@@ -333,8 +319,6 @@ def faithfulness_curve(
         metric,
         ablation=ablation,
         means=means,
-        reference=reference,
-        per_position=per_position,
     )
     m_full, m_empty = float(values.full.mean()), float(values.empty.mean())
     warn_if_degenerate(m_full, m_empty)

@@ -264,26 +264,15 @@ class Graph:
         return {name: i for i, name in enumerate(self.node_names)}
 
     def src_index(self, name: str) -> int:
-        try:
-            return self._src_index[name]
-        except KeyError:
-            raise KeyError(
-                f"{name!r} is not a source node of this graph (e.g. 'a0.h1', 'm0', 'input')"
-            ) from None
+        return _lookup(self._src_index, name, "a source node of this graph (e.g. 'a0.h1', 'm0')")
 
     def dst_index(self, name: str) -> int:
-        try:
-            return self._dst_index[name]
-        except KeyError:
-            raise KeyError(
-                f"{name!r} is not a destination of this graph (e.g. 'a1.h0<q>', 'm0', 'logits')"
-            ) from None
+        return _lookup(
+            self._dst_index, name, "a destination of this graph (e.g. 'a1.h0<q>', 'm0', 'logits')"
+        )
 
     def node_index(self, name: str) -> int:
-        try:
-            return self._node_index[name]
-        except KeyError:
-            raise KeyError(f"{name!r} is not a node of this graph") from None
+        return _lookup(self._node_index, name, "a node of this graph")
 
     def edge_index(self, name: str) -> tuple[int, int]:
         """(src, dst) indices of an edge named like ``a0.h1->a2.h3<q>``."""
@@ -344,3 +333,10 @@ class Graph:
             f"Graph(n_layers={self.n_layers}, n_heads={self.n_heads}, has_mlp={self.has_mlp}, "
             f"nodes={len(self.node_names)}, edges={self.n_edges})"
         )
+
+
+def _lookup(index: dict[str, int], name: str, what: str) -> int:
+    try:
+        return index[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not {what}") from None

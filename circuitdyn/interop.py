@@ -67,11 +67,13 @@ _MAX_LISTED = 5
 
 @dataclass(frozen=True)
 class EapGraph:
-    """The content of an EAP-IG graph file, in circuitdyn's dense layout over `graph`."""
+    """The content of an EAP-IG graph file, in circuitdyn's dense layout over `graph`. Writing,
+    `scores` None means zeros (an unscored graph) and `in_graph` None every edge; read files
+    always have both."""
 
     graph: Graph
-    scores: Float[Tensor, "n_src n_dst"]
-    in_graph: Bool[Tensor, "n_src n_dst"]
+    scores: Float[Tensor, "n_src n_dst"] | None = None
+    in_graph: Bool[Tensor, "n_src n_dst"] | None = None
     d_model: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -92,17 +94,10 @@ def eap_cfg(graph: Graph, d_model: int | None = None) -> dict[str, Any]:
     return cfg
 
 
-def to_json_dict(
-    graph: Graph,
-    *,
-    scores: Float[Tensor, "n_src n_dst"] | None = None,
-    in_graph: Bool[Tensor, "n_src n_dst"] | None = None,
-    d_model: int | None = None,
-    meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The EAP-IG JSON payload of `graph` with edge `scores` (zeros when None) and the circuit
-    `in_graph` (every edge when None)."""
-    scores, in_graph = _dense(graph, scores, in_graph)
+def to_json_dict(data: EapGraph) -> dict[str, Any]:
+    """The EAP-IG JSON payload of `data`."""
+    graph, d_model, meta = data.graph, data.d_model, data.meta
+    scores, in_graph = _dense(graph, data.scores, data.in_graph)
     node_in = _nodes_in_graph(graph, in_graph).tolist()
     nodes: dict[str, dict[str, Any]] = {
         name: {"in_graph": node_in[i]} for i, name in enumerate(graph.node_names)
@@ -122,17 +117,10 @@ def to_json_dict(
     return payload
 
 
-def to_pt_dict(
-    graph: Graph,
-    *,
-    scores: Float[Tensor, "n_src n_dst"] | None = None,
-    in_graph: Bool[Tensor, "n_src n_dst"] | None = None,
-    d_model: int | None = None,
-    meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The dict EAP-IG's ``to_pt`` saves, for `graph` with `scores` and circuit `in_graph`
-    (see `to_json_dict`); tensors in EAP-IG's full size (with MLPs)."""
-    scores, in_graph = _dense(graph, scores, in_graph)
+def to_pt_dict(data: EapGraph) -> dict[str, Any]:
+    """The dict EAP-IG's ``to_pt`` saves for `data`; tensors in EAP-IG's full size (with MLPs)."""
+    graph, d_model, meta = data.graph, data.d_model, data.meta
+    scores, in_graph = _dense(graph, data.scores, data.in_graph)
     full, src, dst = _full_layout(graph)
     edges_scores = torch.zeros(full.n_src, full.n_dst, dtype=torch.float32)
     edges_in_graph = torch.zeros(full.n_src, full.n_dst, dtype=torch.bool)
@@ -158,32 +146,14 @@ def to_pt_dict(
     return payload
 
 
-def write_json(
-    path: str | Path,
-    graph: Graph,
-    *,
-    scores: Float[Tensor, "n_src n_dst"] | None = None,
-    in_graph: Bool[Tensor, "n_src n_dst"] | None = None,
-    d_model: int | None = None,
-    meta: dict[str, Any] | None = None,
-) -> None:
-    """Write `to_json_dict`'s payload as JSON (what EAP-IG's ``Graph.from_json`` reads)."""
-    payload = to_json_dict(graph, scores=scores, in_graph=in_graph, d_model=d_model, meta=meta)
-    Path(path).write_text(json.dumps(payload))
+def write_json(path: str | Path, data: EapGraph) -> None:
+    """Write `data` as JSON, the file EAP-IG's ``Graph.from_json`` reads."""
+    Path(path).write_text(json.dumps(to_json_dict(data)))
 
 
-def write_pt(
-    path: str | Path,
-    graph: Graph,
-    *,
-    scores: Float[Tensor, "n_src n_dst"] | None = None,
-    in_graph: Bool[Tensor, "n_src n_dst"] | None = None,
-    d_model: int | None = None,
-    meta: dict[str, Any] | None = None,
-) -> None:
-    """torch.save `to_pt_dict`'s payload (what EAP-IG's ``Graph.from_pt`` reads)."""
-    payload = to_pt_dict(graph, scores=scores, in_graph=in_graph, d_model=d_model, meta=meta)
-    torch.save(payload, str(path))
+def write_pt(path: str | Path, data: EapGraph) -> None:
+    """``torch.save`` `data` in the layout EAP-IG's ``Graph.from_pt`` reads."""
+    torch.save(to_pt_dict(data), str(path))
 
 
 # ---- reading ------------------------------------------------------------------------------------

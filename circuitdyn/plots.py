@@ -2,30 +2,52 @@
 
 Every builder takes pandas tables (never a model or a store) and returns a
 ``plotly.graph_objects.Figure`` with a title, axis titles with units and, where it has several
-traces, a legend. The data in a figure is the table's data (tests check that). `save_figure`
-writes standalone HTML (plotly.js embedded: works offline) and, when a static exporter works
-(kaleido + a Chromium), PNG / SVG.
+traces, a legend. The data in a figure is the table's data (the tests check that, and that
+every trace has a finite point: `tests/figure_check.py`).
+
+Conventions shared by every figure:
+
+* Step axis: step t is the state before update t (the weights after t updates); the x-axis title
+  is `STEP_AXIS` everywhere. Figures over steps take ``keys`` (a `key_steps` table) and mark
+  the events (dev metric crossing zero, dev accuracy reaching 50% / 90%) as dotted lines.
+* Edge colour (`EDGE_SIGN_NOTE`): the stored score of an edge is m(edge ablated) − m(clean)
+  (EAP / EAP-IG); its *effect* is the negative, m(clean) − m(edge ablated). Blue edges support
+  the target over the foil (removing them lowers the metric: score < 0), red ones favour the
+  foil (score > 0). When the task metric changes sign during tuning, the same edges change
+  colour: they carry the same information, now pushing towards the other token.
+* Seeds: tables with a ``group`` column and several runs per group are drawn as the mean over
+  seeds with a band of ± one standard deviation (`circuitdyn.analysis.seeds.over_seeds`).
 
 Figures:
 
-* `circuit_graph` / `circuit_animation`: the circuit as a layered graph (input, per layer its
-  heads then its MLP, logits; left to right), edges as lines whose width and opacity grow with
-  |score| and whose colour is the sign; the animation has one frame per step and a slider.
-* `evolution_heatmap` (node x step), `churn_figure`, `size_figure`, `layer_composition_figure`,
-  `events_figure`.
-* `edge_trajectories_figure`, `rank_change_figure`.
-* `head_heatmaps` (layer x head, before / after / difference), `head_role_trajectories`.
-* `weight_change_heatmaps` (layer x head/MLP, one panel per run), `weight_share_bars`.
-* `intrinsic_dimension_figure`, `membership_sankey`, `overlap_figure`.
-* `strategy_curves_figure`, `final_metrics_bars`, `training_curves`.
+* The circuit: `circuit_graph` (one step), `circuit_small_multiples` (the key steps side by
+  side: the static picture for the README), `circuit_diff_graph` (gained / lost / changed
+  edges between two steps), `circuit_explorer` (interactive: step slider, key-step buttons,
+  edge-threshold slider, click a node to highlight its edges; needs `figure_html`).
+* Dynamics: `evolution_heatmap`, `membership_raster`, `churn_figure`, `size_figure`,
+  `layer_composition_figure`, `events_figure`, `membership_sankey`.
+* Edges: `edge_trajectories_figure`, `rank_change_figure`.
+* Heads and weights: `head_heatmaps`, `head_role_trajectories`, `weight_change_heatmaps`,
+  `weight_share_bars`.
+* Several runs: `strategy_curves_figure`, `band_figure`, `final_metrics_bars`,
+  `intrinsic_dimension_figure`, `overlap_figure`, `faithfulness_curve_figure`,
+  `training_curves`.
+* Output: `figure_html` (HTML of one figure, never autoplaying, with the explorer's script),
+  `save_figure` (HTML and PNG at >= 1400 px wide).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,33 +59,64 @@ from circuitdyn.graph import parse_node
 logger = logging.getLogger(__name__)
 
 POSITIVE = "#2166ac"
+"""Colour of edges that support the target over the foil (score < 0, effect > 0)."""
 NEGATIVE = "#b2182b"
+"""Colour of edges that favour the foil (score > 0)."""
 UNSCORED = "#9e9e9e"
+GAINED = "#1a9850"
+LOST = "#8c8c8c"
+FLIPPED = "#762a83"
 KIND_COLOURS = {"input": "#55a868", "logits": "#55a868", "head": "#4c72b0", "mlp": "#dd8452"}
+OUT_OF_CIRCUIT = "#e4e4e4"
 TEMPLATE = "plotly_white"
+FONT = {"size": 13}
+
+STEP_AXIS = "training step t (state before update t)"
+"""The x-axis title of every figure over training steps (the one step convention)."""
+
+EDGE_SIGN_NOTE = (
+    "blue: the edge supports the target over the foil (score < 0: removing it lowers the "
+    "metric); red: it favours the foil (score > 0). score = m(edge ablated) − m(clean)"
+)
+"""How edge colours read (every circuit figure says it in its legend)."""
+
+SUPPORTS = "supports target over foil (score < 0)"
+FAVOURS = "favours the foil (score > 0)"
 
 METRIC_LABELS = {
     "dev_metric": "dev metric: logit(target) − logit(foil) (logits)",
     "dev_accuracy": "dev accuracy (fraction of verbs)",
     "general_loss": "general LM loss (nats/token)",
     "faithfulness": "faithfulness (circuit / model metric, ratio)",
+    "faithfulness_masked": "faithfulness (circuit / model metric; masked where |model metric| is small)",
     "loss": "training loss (nats/token)",
     "metric": "training-batch metric (logits)",
     "accuracy": "training-batch accuracy (fraction)",
     "grad_norm": "gradient norm (before clipping)",
     "lr": "learning rate",
+    "n_edges": "circuit edges (count)",
+    "n_nodes": "circuit nodes (count)",
+    "n_heads": "circuit heads (count)",
+    "jaccard_edges_prev_smoothed": "edge Jaccard with the previous step (smoothed, 0–1)",
+    "jaccard_edges_first": "edge Jaccard with the first step's circuit (0–1)",
 }
 _SHORT_LABELS = {
     "dev_metric": "dev metric",
     "dev_accuracy": "dev accuracy",
     "general_loss": "general loss",
     "faithfulness": "faithfulness",
+    "test_metric": "test metric",
+    "test_accuracy": "test accuracy",
+    "test_general_loss": "test general loss",
 }
 _UNITS = {
     "dev_metric": "logits",
     "dev_accuracy": "fraction",
     "general_loss": "nats/token",
     "faithfulness": "ratio",
+    "test_metric": "logits",
+    "test_accuracy": "fraction",
+    "test_general_loss": "nats/token",
 }
 ROLE_LABELS = {
     "dla": "direct logit attribution (logits)",
@@ -75,7 +128,10 @@ ROLE_LABELS = {
 FINAL_METRICS = ("dev_metric", "dev_accuracy", "general_loss", "faithfulness")
 """The metrics of a final evaluation shown side by side (`final_metrics_bars`)."""
 
-_INPUT_OFFSET = {"q": 0.22, "k": 0.0, "v": -0.22, "": 0.0}
+LEGEND_ONLY = "legend"
+"""``trace.meta`` of a data-less trace that only carries a legend entry (figure checks skip it)."""
+SLOT = "slot"
+"""``trace.meta`` of an explorer trace that may be empty at the shown step (checks skip it)."""
 
 
 def _label(name: str, labels: dict[str, str] = METRIC_LABELS) -> str:
@@ -85,13 +141,51 @@ def _label(name: str, labels: dict[str, str] = METRIC_LABELS) -> str:
 def _finish(
     fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None
 ) -> go.Figure:
-    fig.update_layout(title={"text": title}, template=TEMPLATE)
+    fig.update_layout(title={"text": title}, template=TEMPLATE, font=FONT)
     if x_title is not None:
         fig.update_xaxes(title_text=x_title)
     if y_title is not None:
         fig.update_yaxes(title_text=y_title)
     named = {t.name for t in fig.data if t.name and t.showlegend is not False}
     fig.update_layout(showlegend=len(named) > 1)
+    return fig
+
+
+def _legend_entry(name: str, colour: str, *, mode: str = "lines", **style: Any) -> go.Scatter:
+    """A data-less trace that shows one legend entry."""
+    marker = {"color": colour, "size": 12, **style.get("marker", {})}
+    line = {"color": colour, "width": 4, **style.get("line", {})}
+    return go.Scatter(
+        x=[None],
+        y=[None],
+        mode=mode,
+        marker=marker,
+        line=line,
+        name=name,
+        hoverinfo="skip",
+        showlegend=True,
+        meta=LEGEND_ONLY,
+        legendgroup=style.get("legendgroup"),
+    )
+
+
+def mark_key_steps(fig: go.Figure, keys: pd.DataFrame | None, **where: Any) -> go.Figure:
+    """Dotted vertical lines at the events of a `key_steps` table (not its initial / final
+    rows), labelled at the top; several events at one step share a line. ``where``: row / col
+    of a subplot (default: every subplot)."""
+    if keys is None or len(keys) == 0:
+        return fig
+    events = keys[~keys["key"].isin(["initial", "final"])]
+    merged = events.groupby("step", sort=True)["label"].agg(" / ".join)
+    for i, (step, label) in enumerate(merged.items()):
+        fig.add_vline(
+            x=float(step),
+            line={"dash": "dot", "color": "#555", "width": 1.5},
+            annotation_text=f"{label} (t={int(step)})",
+            annotation_position="top left" if i % 2 else "top right",
+            annotation_font={"size": 11, "color": "#444"},
+            **where,
+        )
     return fig
 
 
@@ -112,200 +206,396 @@ def _right_axis_line(
     fig.add_trace(
         go.Scatter(x=table[x], y=table[y], mode=mode, name=name, line=line), secondary_y=True
     )
-    fig.update_yaxes(title_text=f"{name} ({unit})", secondary_y=True)
+    fig.update_yaxes(title_text=f"{name} ({unit})", secondary_y=True, rangemode="tozero")
 
 
 # ---------------------------------------------------------------------------------------------
 # the circuit as a layered graph
 # ---------------------------------------------------------------------------------------------
+HEAD_GAP = 1.3
+"""Height of the lowest head row above the residual lane (y = 0), in head rows."""
+PORT_OFFSETS = {"q": (-0.2, 0.26), "k": (-0.26, 0.0), "v": (-0.2, -0.26)}
+"""Where a head's q / k / v input port sits relative to the head (x in columns, y in rows)."""
+PATH_POINTS = 15
+"""Points per drawn edge (a quadratic Bézier curve)."""
+
+
 def node_positions(node_names: Sequence[str]) -> pd.DataFrame:
-    """Layout of the layered graph: ``node``, ``x`` (column: input 0, heads of layer L 2L+1, MLP
-    of layer L 2L+2, logits 2 * n_layers + 1), ``y`` (heads spread around 0 by head index,
-    everything else at 0), ``column`` (the tick label of x)."""
+    """Layout of the layered graph, layers left to right: ``node``, ``kind``, ``x`` (column:
+    input 0, heads of layer L 2L+1, MLP of layer L 2L+2, logits 2 * n_layers + 1), ``y``
+    (the residual-stream nodes input, MLPs and logits on the bottom lane y = 0; the heads of a
+    layer stacked above it, h0 on top), ``column`` (the tick label of x). Raises ValueError for
+    a name that is not a circuitdyn node."""
     infos = [parse_node(name) for name in node_names]
     n_layers = 1 + max((i.layer for i in infos if i.layer is not None), default=-1)
     n_heads = 1 + max((i.head for i in infos if i.head is not None), default=0)
     rows = []
     for info in infos:
         if info.kind == "head":
-            y = info.head - (n_heads - 1) / 2
-            rows.append((info.name, 2 * info.layer + 1, y, f"L{info.layer} heads"))
+            y = HEAD_GAP + (n_heads - 1 - info.head)
+            rows.append((info.name, "head", 2 * info.layer + 1, y, f"L{info.layer} heads"))
         elif info.kind == "mlp":
-            rows.append((info.name, 2 * info.layer + 2, 0.0, f"L{info.layer} MLP"))
+            rows.append((info.name, "mlp", 2 * info.layer + 2, 0.0, f"L{info.layer} MLP"))
         elif info.kind == "input":
-            rows.append((info.name, 0, 0.0, "input"))
+            rows.append((info.name, "input", 0, 0.0, "input"))
         else:
-            rows.append((info.name, 2 * n_layers + 1, 0.0, info.name))
-    return pd.DataFrame(rows, columns=["node", "x", "y", "column"])
+            rows.append((info.name, "logits", 2 * n_layers + 1, 0.0, info.name))
+    return pd.DataFrame(rows, columns=["node", "kind", "x", "y", "column"])
 
 
-def _edge_bins(abs_scores: np.ndarray, max_abs: float, n_bins: int) -> np.ndarray:
+def port_positions(positions: pd.DataFrame) -> pd.DataFrame:
+    """The q / k / v input ports of every head of a `node_positions` table: ``node``,
+    ``input``, ``x``, ``y``, ``port`` (``"a1.h0<q>"``)."""
+    heads = positions[positions["kind"] == "head"]
+    rows = [
+        (row.node, name, row.x + dx, row.y + dy, f"{row.node}<{name}>")
+        for row in heads.itertuples(index=False)
+        for name, (dx, dy) in PORT_OFFSETS.items()
+    ]
+    return pd.DataFrame(rows, columns=["node", "input", "x", "y", "port"])
+
+
+def edge_paths(
+    edges: pd.DataFrame, positions: pd.DataFrame, n_points: int = PATH_POINTS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Curves of ``edges`` (``src``, ``dst_node``, ``input``) as (xs, ys), each [n_edges,
+    n_points]: quadratic Bézier curves from the source's right side to the destination's
+    input port (a head's q / k / v port, the left side of an MLP or the logits). The bend grows
+    with the columns an edge spans, so edges along the residual lane (input -> m0 -> m1 ->
+    logits ...) become nested arcs below it instead of overlapping segments on one line."""
+    pos = positions.set_index("node")
+    x0 = pos.loc[edges["src"], "x"].to_numpy(dtype=float) + 0.14
+    y0 = pos.loc[edges["src"], "y"].to_numpy(dtype=float)
+    x2 = pos.loc[edges["dst_node"], "x"].to_numpy(dtype=float)
+    y2 = pos.loc[edges["dst_node"], "y"].to_numpy(dtype=float)
+    offsets = [PORT_OFFSETS.get(i, (-0.14, 0.0)) for i in edges["input"]]
+    x2 = x2 + np.array([o[0] for o in offsets], dtype=float)
+    y2 = y2 + np.array([o[1] for o in offsets], dtype=float)
+    span = np.maximum(np.abs(x2 - x0) - 1.0, 0.0)
+    on_lane = (y0 == 0) & (y2 == 0)
+    # Control-point offset (the curve's sag is half of it): residual-lane arcs hang below the
+    # lane, deeper for longer spans; other edges bow gently upward by their span.
+    bend = np.where(on_lane, -(0.45 + 0.55 * span**0.8), 0.18 * span**0.8)
+    cx, cy = (x0 + x2) / 2, (y0 + y2) / 2 + bend
+    t = np.linspace(0.0, 1.0, n_points)[None, :]
+    xs = (1 - t) ** 2 * x0[:, None] + 2 * (1 - t) * t * cx[:, None] + t**2 * x2[:, None]
+    ys = (1 - t) ** 2 * y0[:, None] + 2 * (1 - t) * t * cy[:, None] + t**2 * y2[:, None]
+    return xs, ys
+
+
+def _width_bins(abs_scores: np.ndarray, max_abs: float, n_bins: int) -> np.ndarray:
     if max_abs <= 0 or not np.isfinite(max_abs):
         return np.zeros(abs_scores.shape, dtype=int)
     frac = np.clip(abs_scores / max_abs, 0.0, 1.0)
     return np.minimum((frac * n_bins).astype(int), n_bins - 1)
 
 
+def _bin_style(b: int, n_bins: int) -> tuple[float, float]:
+    """(line width in px, opacity) of width bin ``b``."""
+    frac = (b + 1) / n_bins
+    return 1.0 + 7.0 * frac, 0.35 + 0.6 * frac
+
+
+def _ranks(abs_scores: np.ndarray) -> np.ndarray:
+    keys = np.where(np.isfinite(abs_scores), abs_scores, -np.inf)
+    order = np.argsort(-keys, kind="stable")
+    ranks = np.empty(len(abs_scores), dtype=np.int64)
+    ranks[order] = np.arange(1, len(abs_scores) + 1)
+    return ranks
+
+
+def _shown_edges(edges: pd.DataFrame, max_edges: int | None) -> pd.DataFrame:
+    """The ``max_edges`` strongest edges by |score| (unscored ones last), table order kept."""
+    if max_edges is None or len(edges) <= max_edges:
+        return edges
+    ranks = _ranks(np.abs(edges["score"].to_numpy(dtype=float)))
+    return edges[ranks <= max_edges]
+
+
+def _polyline(xs: np.ndarray, ys: np.ndarray, pick: np.ndarray) -> tuple[list, list]:
+    """The curves ``pick`` of (xs, ys) joined into one trace's x / y with None breaks."""
+    px: list[float | None] = []
+    py: list[float | None] = []
+    for i in np.flatnonzero(pick):
+        px += [*np.round(xs[i], 3).tolist(), None]
+        py += [*np.round(ys[i], 3).tolist(), None]
+    return px, py
+
+
 def _graph_traces(
     nodes: pd.DataFrame,
     edges: pd.DataFrame,
     positions: pd.DataFrame,
-    max_abs: float,
-    n_bins: int,
+    *,
+    n_bins: int = 5,
+    highlight: str | None = None,
+    keep_slots: bool = False,
+    legend: bool = True,
+    axes: tuple[str, str] = ("x", "y"),
 ) -> list[go.Scatter]:
-    """The fixed list of traces of one circuit frame (same count and order for every frame):
-    per sign (positive, then negative) n_bins edge-line traces and one legend-only trace; one
-    trace of unscored edges; one invisible hover trace at the edge midpoints (its customdata
-    holds [edge, score] per edge); nodes in / not in the circuit; three legend-only entries
-    for the node colours."""
-    pos = positions.set_index("node")
-    src_x = pos.loc[edges["src"], "x"].to_numpy(dtype=float)
-    src_y = pos.loc[edges["src"], "y"].to_numpy(dtype=float)
-    dst_x = pos.loc[edges["dst_node"], "x"].to_numpy(dtype=float)
-    offsets = np.array([_INPUT_OFFSET.get(i, 0.0) for i in edges["input"]], dtype=float)
-    dst_y = pos.loc[edges["dst_node"], "y"].to_numpy(dtype=float) + offsets
+    """The traces of one circuit picture, in a fixed order (the explorer's script relies on
+    it): per sign (supports target, then favours foil) ``n_bins`` edge-width traces; one trace
+    of faded edges (those not touching ``highlight``); one of unscored edges; one invisible
+    hover trace at the curve midpoints (customdata [edge, score, share, rank]); the q/k/v
+    ports of every head; every node (fixed order, keyed by name); then legend-only entries.
+    Without ``keep_slots``, empty edge traces are dropped. Widths are |score| relative to the
+    strongest edge of the table."""
+    xref, yref = axes
     score = edges["score"].to_numpy(dtype=float)
+    share = (
+        edges["share"].to_numpy(dtype=float)
+        if "share" in edges.columns
+        else np.full(len(edges), np.nan)
+    )
     finite = np.isfinite(score)
-    bins = _edge_bins(np.abs(np.where(finite, score, 0.0)), max_abs, n_bins)
+    abs_score = np.abs(np.where(finite, score, 0.0))
+    max_abs = float(abs_score.max(initial=0.0))
+    bins = _width_bins(abs_score, max_abs, n_bins)
+    ranks = _ranks(np.where(finite, abs_score, np.nan))
+    xs, ys = edge_paths(edges, positions) if len(edges) else (np.zeros((0, 1)), np.zeros((0, 1)))
+    touches = np.ones(len(edges), dtype=bool)
+    if highlight is not None:
+        touches = (edges["src"] == highlight).to_numpy() | (
+            edges["dst_node"] == highlight
+        ).to_numpy()
+    common = {"xaxis": xref, "yaxis": yref, "hoverinfo": "skip", "showlegend": False}
     traces: list[go.Scatter] = []
-    for sign, colour, label in ((1, POSITIVE, "positive score"), (-1, NEGATIVE, "negative score")):
+    for sign, colour, label in ((-1, POSITIVE, SUPPORTS), (1, NEGATIVE, FAVOURS)):
+        side = (score < 0) if sign < 0 else (score > 0)
+        if sign < 0:
+            side = side | (score == 0)
         for b in range(n_bins):
-            pick = finite & (bins == b) & ((score >= 0) if sign > 0 else (score < 0))
-            xs: list[float | None] = []
-            ys: list[float | None] = []
-            for i in np.flatnonzero(pick):
-                xs += [src_x[i], dst_x[i], None]
-                ys += [src_y[i], dst_y[i], None]
-            frac = (b + 1) / n_bins
+            pick = finite & touches & side & (bins == b)
+            px, py = _polyline(xs, ys, pick)
+            width, opacity = _bin_style(b, n_bins)
             traces.append(
                 go.Scatter(
-                    x=xs,
-                    y=ys,
+                    x=px,
+                    y=py,
                     mode="lines",
-                    line={"color": colour, "width": 0.5 + 6.0 * frac},
-                    opacity=0.2 + 0.8 * frac,
-                    hoverinfo="skip",
-                    name=f"edges, {label}",
-                    legendgroup=label,
-                    showlegend=False,
+                    line={"color": colour, "width": width},
+                    opacity=opacity,
+                    name=f"edges that {label}",
+                    meta=SLOT,
+                    **common,
                 )
             )
-        # A data-less trace carries the legend entry, so it shows whatever bins are filled.
-        traces.append(
-            go.Scatter(
-                x=[None],
-                y=[None],
-                mode="lines",
-                line={"color": colour, "width": 4},
-                name=f"edges, {label} (width ∝ |score|)",
-                legendgroup=label,
-                hoverinfo="skip",
-            )
-        )
-    xs, ys = [], []
-    for i in np.flatnonzero(~finite):
-        xs += [src_x[i], dst_x[i], None]
-        ys += [src_y[i], dst_y[i], None]
+    px, py = _polyline(xs, ys, ~touches)
     traces.append(
         go.Scatter(
-            x=xs,
-            y=ys,
+            x=px,
+            y=py,
             mode="lines",
-            line={"color": UNSCORED, "width": 1, "dash": "dot"},
-            hoverinfo="skip",
-            name="edges, no score",
-            showlegend=bool(xs),
+            line={"color": "#cccccc", "width": 1},
+            opacity=0.5,
+            name="edges not touching the highlighted node",
+            meta=SLOT,
+            **common,
         )
     )
+    px, py = _polyline(xs, ys, ~finite & touches)
     traces.append(
         go.Scatter(
-            x=(src_x + dst_x) / 2,
-            y=(src_y + dst_y) / 2,
+            x=px,
+            y=py,
+            mode="lines",
+            line={"color": UNSCORED, "width": 1.5, "dash": "dot"},
+            name="edges without a score",
+            meta=SLOT,
+            **common,
+        )
+    )
+    mid = PATH_POINTS // 2
+    shown = touches
+    custom = np.empty((int(shown.sum()), 4), dtype=object)
+    if len(custom):
+        custom[:, 0] = edges["edge"].to_numpy(dtype=object)[shown]
+        custom[:, 1] = score[shown]
+        custom[:, 2] = share[shown]
+        custom[:, 3] = ranks[shown]
+    traces.append(
+        go.Scatter(
+            x=np.round(xs[shown, mid], 3) if len(edges) else [],
+            y=np.round(ys[shown, mid], 3) if len(edges) else [],
             mode="markers",
-            marker={"size": 8, "color": "rgba(0,0,0,0)"},
-            customdata=np.stack([edges["edge"].to_numpy(dtype=object), score.astype(object)], 1)
-            if len(edges)
-            else np.zeros((0, 2), dtype=object),
-            hovertemplate="%{customdata[0]}<br>score %{customdata[1]:.4g}<extra></extra>",
+            marker={"size": 10, "color": "rgba(0,0,0,0)"},
+            customdata=custom,
+            hovertemplate="<b>%{customdata[0]}</b><br>score %{customdata[1]:.4g} "
+            "(m(ablated) − m(clean), logits)<br>share of the step's Σ|score| "
+            "%{customdata[2]:.2%}<br>rank %{customdata[3]} by |score|<extra></extra>",
             name="edge scores (hover)",
             showlegend=False,
+            xaxis=xref,
+            yaxis=yref,
+            meta=SLOT,
         )
     )
-    node_pos = pos.loc[nodes["node"]]
+    ports = port_positions(positions)
+    used = set((edges["dst_node"] + "<" + edges["input"] + ">").to_numpy()[touches & finite]) | set(
+        (edges["dst_node"] + "<" + edges["input"] + ">").to_numpy()[touches & ~finite]
+    )
+    inside_nodes = set(nodes.loc[nodes["in_circuit"].astype(bool), "node"])
+    port_used = ports["port"].isin(used).to_numpy()
+    port_in = ports["node"].isin(inside_nodes).to_numpy()
+    traces.append(
+        go.Scatter(
+            x=ports["x"],
+            y=ports["y"],
+            ids=ports["port"],
+            mode="markers+text",
+            text=np.where(port_in, ports["input"], ""),
+            textposition="middle left",
+            textfont={"size": 10, "color": "#555"},
+            marker={
+                "size": 7,
+                "symbol": "circle",
+                "color": np.where(port_used, "#333333", "#ffffff").tolist(),
+                "line": {"width": 1, "color": np.where(port_in, "#777", "#ddd").tolist()},
+            },
+            customdata=ports["port"],
+            hovertemplate="%{customdata} input<extra></extra>",
+            name="head inputs (q, k, v)",
+            showlegend=False,
+            xaxis=xref,
+            yaxis=yref,
+        )
+    )
+    pos = positions.set_index("node").loc[nodes["node"]]
     inside = nodes["in_circuit"].to_numpy(dtype=bool)
+    kinds = pos["kind"].to_numpy()
     node_score = nodes["score"].to_numpy(dtype=float)
-    for flag, label in ((True, "nodes in circuit"), (False, "nodes not in circuit")):
-        pick = inside == flag
-        kinds = nodes["kind"].to_numpy()[pick]
-        traces.append(
-            go.Scatter(
-                x=node_pos["x"].to_numpy(dtype=float)[pick],
-                y=node_pos["y"].to_numpy(dtype=float)[pick],
-                mode="markers+text" if flag else "markers",
-                text=nodes["node"].to_numpy()[pick] if flag else None,
-                textposition="top center",
-                textfont={"size": 9},
-                marker={
-                    "size": 16 if flag else 9,
-                    "color": [KIND_COLOURS.get(k, "#888") for k in kinds] if flag else "#d0d0d0",
-                    "line": {"width": 1, "color": "#333" if flag else "#bbb"},
-                },
-                customdata=np.stack(
-                    [nodes["node"].to_numpy(dtype=object)[pick], node_score[pick].astype(object)], 1
-                )
-                if pick.any()
-                else np.zeros((0, 2), dtype=object),
-                hovertemplate="%{customdata[0]}<br>node score %{customdata[1]:.4g}<extra></extra>",
-                name=label,
-                showlegend=not flag,
-            )
+    colours = np.where(inside, [KIND_COLOURS.get(k, "#888") for k in kinds], OUT_OF_CIRCUIT)
+    line_colours = np.where(inside, "#222222", "#c8c8c8")
+    line_widths = np.where(inside, 1.2, 1.0)
+    if highlight is not None:
+        line_widths = np.where(nodes["node"].to_numpy() == highlight, 4.0, line_widths)
+    traces.append(
+        go.Scatter(
+            x=pos["x"],
+            y=pos["y"],
+            ids=nodes["node"],
+            mode="markers+text",
+            text=nodes["node"],
+            textposition=["middle right" if k == "head" else "bottom center" for k in kinds],
+            textfont={"size": 12, "color": np.where(inside, "#111111", "#aaaaaa").tolist()},
+            marker={
+                "size": np.where(inside, 20, 12).tolist(),
+                "color": colours.tolist(),
+                "line": {"width": line_widths.tolist(), "color": line_colours.tolist()},
+            },
+            customdata=np.stack(
+                [nodes["node"].to_numpy(dtype=object), node_score.astype(object), inside], 1
+            ),
+            hovertemplate="<b>%{customdata[0]}</b><br>node score %{customdata[1]:.4g} "
+            "(logits)<br>in circuit: %{customdata[2]}<extra></extra>",
+            name="nodes",
+            showlegend=False,
+            xaxis=xref,
+            yaxis=yref,
         )
-    for kind, label in (
-        ("head", "head in circuit"),
-        ("mlp", "MLP in circuit"),
-        ("input", "input / logits"),
-    ):
-        traces.append(  # legend-only entries for the node colours
-            go.Scatter(
-                x=[None],
-                y=[None],
-                mode="markers",
-                marker={
-                    "size": 12,
-                    "color": KIND_COLOURS[kind],
-                    "line": {"width": 1, "color": "#333"},
-                },
-                name=label,
-                hoverinfo="skip",
-            )
-        )
+    )
+    if not keep_slots:
+        traces = [t for t in traces if t.meta != SLOT or any(v is not None for v in t.x)]
+        for t in traces:
+            t.meta = None
+    if legend:
+        traces += circuit_legend()
     return traces
 
 
-def _graph_layout(fig: go.Figure, positions: pd.DataFrame, title: str) -> go.Figure:
-    ticks = positions.drop_duplicates("x").sort_values("x")
-    fig.update_layout(
-        title={"text": title},
-        template=TEMPLATE,
-        showlegend=True,
-        hovermode="closest",
-        legend={"orientation": "h", "y": -0.15},
+def circuit_legend() -> list[go.Scatter]:
+    """The legend entries of a circuit picture: edge colours (the sign convention), node
+    colours by kind, and nodes outside the circuit."""
+    entries = [
+        _legend_entry(f"edge {SUPPORTS}", POSITIVE),
+        _legend_entry(f"edge {FAVOURS}", NEGATIVE),
+        _legend_entry("width ∝ |score|", "#888888"),
+    ]
+    for kind, label in (
+        ("head", "head (q, k, v inputs on its left)"),
+        ("mlp", "MLP"),
+        ("input", "input / logits"),
+    ):
+        entries.append(
+            _legend_entry(
+                label,
+                KIND_COLOURS[kind],
+                mode="markers",
+                marker={"line": {"width": 1, "color": "#222"}},
+            )
+        )
+    entries.append(
+        _legend_entry(
+            "not in circuit",
+            OUT_OF_CIRCUIT,
+            mode="markers",
+            marker={"line": {"width": 1, "color": "#c8c8c8"}},
+        )
     )
+    return entries
+
+
+LEGEND_TITLE = (
+    "edge colour: the sign of its effect on logit(target) − logit(foil), "
+    "effect = −score = m(clean) − m(edge ablated)"
+)
+
+
+def _graph_axes(fig: go.Figure, positions: pd.DataFrame, **where: Any) -> None:
+    ticks = positions.drop_duplicates("x").sort_values("x")
+    n_heads = int((positions["kind"] == "head").groupby(positions["x"]).sum().max() or 0)
+    top = HEAD_GAP + max(n_heads - 1, 0) + 0.6
+    max_span = float(positions["x"].max() - positions["x"].min())
+    bottom = -(0.45 + 0.55 * max(max_span - 1.0, 0.0) ** 0.8) / 2 - 0.5
     fig.update_xaxes(
-        title_text="position in the residual stream (layer; heads, then MLP)",
+        title_text="layer, left to right (input; per layer its heads, then its MLP; logits)",
         tickmode="array",
         tickvals=ticks["x"].tolist(),
         ticktext=ticks["column"].tolist(),
         showgrid=False,
         zeroline=False,
+        range=[float(positions["x"].min()) - 0.5, float(positions["x"].max()) + 0.6],
+        **where,
     )
     fig.update_yaxes(
-        title_text="head index (centred; q/k/v inputs offset up/middle/down)",
+        title_text="heads (h0 on top) above the residual stream lane",
         showgrid=False,
         zeroline=False,
         showticklabels=False,
+        range=[bottom, top],
+        **where,
     )
+
+
+def _graph_layout(fig: go.Figure, positions: pd.DataFrame, title: str) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "y": 0.98, "yanchor": "top"},
+        template=TEMPLATE,
+        font=FONT,
+        showlegend=True,
+        hovermode="closest",
+        legend={
+            "orientation": "h",
+            "y": -0.16,
+            "x": 0.0,
+            "font": {"size": 12},
+            "traceorder": "normal",
+            "title": {"text": LEGEND_TITLE, "side": "top"},
+        },
+        margin={"t": 70, "b": 130, "l": 70, "r": 30},
+        height=660,
+    )
+    _graph_axes(fig, positions)
     return fig
+
+
+def _circuit_title(edges: pd.DataFrame, nodes: pd.DataFrame, shown: int, step: Any) -> str:
+    n_nodes = int(nodes["in_circuit"].astype(bool).sum())
+    when = f" at step {step}" if step is not None else ""
+    what = f"{len(edges)} edges, {n_nodes} nodes"
+    if shown < len(edges):
+        what += f"; the {shown} strongest edges drawn"
+    return f"Circuit{when} ({what})"
 
 
 def circuit_graph(
@@ -313,23 +603,342 @@ def circuit_graph(
     edges: pd.DataFrame,
     *,
     title: str | None = None,
+    max_edges: int | None = 60,
+    highlight: str | None = None,
     n_width_bins: int = 5,
-    max_abs: float | None = None,
 ) -> go.Figure:
     """The circuit of one step as a layered graph, from `circuitdyn.analysis.circuit_tables`.
 
-    ``nodes``: ``node``, ``kind``, ``score``, ``in_circuit``; ``edges``: ``edge``, ``src``,
-    ``dst_node``, ``input``, ``score``. Edge width and opacity grow with |score| / ``max_abs``
-    (default: the largest |score| of the table) in ``n_width_bins`` steps; blue = positive,
-    red = negative, grey dotted = no score. Hover shows names and scores (metric units).
-    """
+    ``nodes``: ``node``, ``kind``, ``score``, ``in_circuit`` (optional ``step``); ``edges``:
+    ``edge``, ``src``, ``dst_node``, ``input``, ``score`` (optional ``share``: the score over
+    the step's Σ|score|, `circuitdyn.analysis.timeline.score_shares`). Layers run left to
+    right; heads stack above the residual lane; each head shows its q / k / v input ports,
+    where edges into it end. Edge colour: the sign convention of `EDGE_SIGN_NOTE`; width:
+    |score| relative to the strongest edge. Only the ``max_edges`` strongest edges are drawn
+    (the title says so). ``highlight``: a node whose edges are drawn and the others faded.
+    Hover: names, raw score, share and rank."""
     positions = node_positions(list(nodes["node"]))
-    scores = edges["score"].to_numpy(dtype=float)
-    top = max_abs if max_abs is not None else float(np.nanmax(np.abs(scores), initial=0.0))
-    fig = go.Figure(_graph_traces(nodes, edges, positions, top, n_width_bins))
+    shown = _shown_edges(edges, max_edges)
+    fig = go.Figure(
+        _graph_traces(nodes, shown, positions, n_bins=n_width_bins, highlight=highlight)
+    )
     step = nodes["step"].iloc[0] if "step" in nodes.columns and len(nodes) else None
-    default = f"Circuit at step {step}" if step is not None else "Circuit"
-    return _graph_layout(fig, positions, title or f"{default} ({len(edges)} edges)")
+    return _graph_layout(fig, positions, title or _circuit_title(edges, nodes, len(shown), step))
+
+
+def circuit_small_multiples(
+    nodes: pd.DataFrame,
+    edges: pd.DataFrame,
+    keys: pd.DataFrame,
+    *,
+    title: str = "The circuit at the key steps",
+    max_edges: int | None = 60,
+    n_cols: int = 3,
+    n_width_bins: int = 4,
+) -> go.Figure:
+    """The circuit at each key step side by side (the static picture of the circuit's
+    evolution, e.g. for the README). ``nodes`` / ``edges``: `circuit_evolution` tables at the
+    key steps' ``snapshot_step`` values; ``keys``: a `key_steps` table (``key``, ``label``,
+    ``snapshot_step``, ``step``). One panel per distinct snapshot step, titled with its key
+    steps; widths relative to each panel's strongest edge."""
+    panels = (
+        keys.dropna(subset=["snapshot_step"])
+        .groupby("snapshot_step", sort=True)["label"]
+        .agg(" / ".join)
+    )
+    panels = panels[[int(s) in set(nodes["step"].astype(int)) for s in panels.index]]
+    n = max(len(panels), 1)
+    cols = min(n_cols, n)
+    rows = math.ceil(n / cols)
+    titles = []
+    for step, label in panels.items():
+        n_edges = int((edges["step"] == step).sum())
+        titles.append(f"<b>step {int(step)}</b>: {label} ({n_edges} edges)")
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=titles or ["no key step"],
+        horizontal_spacing=0.03,
+        vertical_spacing=0.12 / rows,
+    )
+    positions = node_positions(list(dict.fromkeys(nodes["node"])))
+    for i, step in enumerate(panels.index):
+        row, col = i // cols + 1, i % cols + 1
+        axis_number = i + 1
+        axes = (
+            f"x{axis_number if axis_number > 1 else ''}",
+            f"y{axis_number if axis_number > 1 else ''}",
+        )
+        frame_nodes = nodes[nodes["step"] == step]
+        frame_edges = _shown_edges(edges[edges["step"] == step], max_edges)
+        for trace in _graph_traces(
+            frame_nodes,
+            frame_edges,
+            positions,
+            n_bins=n_width_bins,
+            legend=i == 0,
+            axes=axes,
+        ):
+            if trace.meta == LEGEND_ONLY:
+                trace.update(xaxis=axes[0], yaxis=axes[1])
+            if trace.name == "nodes":
+                trace.textfont.size = 10
+                trace.marker.size = [14 if s == 20 else 8 for s in trace.marker.size]
+            if trace.name == "head inputs (q, k, v)":
+                trace.mode = "markers"
+                trace.marker.size = 5
+            fig.add_trace(trace, row=row, col=col)
+        _graph_axes(fig, positions, row=row, col=col)
+        fig.update_xaxes(title_text="layer →", row=row, col=col)
+        fig.update_yaxes(title_text="heads / residual lane", row=row, col=col)
+    fig.update_layout(
+        title={"text": title},
+        template=TEMPLATE,
+        font={"size": 12},
+        hovermode="closest",
+        height=500 * rows + 150,
+        width=1500,
+        legend={
+            "orientation": "h",
+            "y": -0.2 / rows,
+            "x": 0.0,
+            "font": {"size": 12},
+            "traceorder": "normal",
+            "title": {"text": LEGEND_TITLE, "side": "top"},
+        },
+        margin={"t": 90, "b": 120, "l": 40, "r": 20},
+    )
+    for annotation in fig.layout.annotations:
+        annotation.font = {"size": 13}
+    return fig
+
+
+def circuit_diff_graph(
+    nodes_a: pd.DataFrame,
+    edges_a: pd.DataFrame,
+    nodes_b: pd.DataFrame,
+    edges_b: pd.DataFrame,
+    *,
+    title: str | None = None,
+    max_edges: int | None = 80,
+) -> go.Figure:
+    """What changed between two steps' circuits (`circuit_tables` at step a and step b):
+    edges gained (in b only, green), lost (in a only, grey dashed), kept with the sign of
+    their score flipped (purple) and kept with the same sign (light blue). Width: |score| at
+    b (at a for lost edges) relative to the strongest; nodes styled as at b. Hover: the edge,
+    its status and both scores."""
+    positions = node_positions(list(nodes_b["node"]))
+    a = edges_a.set_index("edge")
+    b = edges_b.set_index("edge")
+    names = list(dict.fromkeys([*edges_a["edge"], *edges_b["edge"]]))
+    table = pd.concat([b, a.loc[[n for n in a.index if n not in b.index]]]).loc[names]
+    score_a = a["score"].reindex(names).to_numpy(dtype=float)
+    score_b = b["score"].reindex(names).to_numpy(dtype=float)
+    in_a = np.isin(names, a.index)
+    in_b = np.isin(names, b.index)
+    flipped = in_a & in_b & (np.sign(score_a) != np.sign(score_b))
+    status = np.where(
+        in_a & in_b, np.where(flipped, "sign flipped", "kept"), np.where(in_b, "gained", "lost")
+    )
+    magnitude = np.abs(np.where(in_b, score_b, score_a))
+    table = table.reset_index().assign(status=status, magnitude=magnitude)
+    if max_edges is not None and len(table) > max_edges:
+        table = table[_ranks(np.nan_to_num(magnitude, nan=-1.0)) <= max_edges]
+    xs, ys = edge_paths(table, positions)
+    top = float(np.nanmax(table["magnitude"], initial=0.0)) or 1.0
+    fig = go.Figure()
+    styles = {
+        "kept": ("#9ecae1", "solid"),
+        "sign flipped": (FLIPPED, "solid"),
+        "gained": (GAINED, "solid"),
+        "lost": (LOST, "dash"),
+    }
+    for name, (colour, dash) in styles.items():
+        rows = np.flatnonzero(table["status"].to_numpy() == name)
+        if not len(rows):
+            continue
+        for i in rows:
+            frac = float(np.nan_to_num(table["magnitude"].iloc[i], nan=0.0)) / top
+            fig.add_trace(
+                go.Scatter(
+                    x=np.round(xs[i], 3),
+                    y=np.round(ys[i], 3),
+                    mode="lines",
+                    line={"color": colour, "width": 1.0 + 6.0 * frac, "dash": dash},
+                    name=f"{name} ({len(rows)})",
+                    legendgroup=name,
+                    showlegend=bool(i == rows[0]),
+                    hoverinfo="skip",
+                )
+            )
+    mid = PATH_POINTS // 2
+    edge_names = table["edge"].to_numpy()
+    custom = np.stack(
+        [
+            edge_names.astype(object),
+            table["status"].to_numpy(dtype=object),
+            a["score"].reindex(edge_names).to_numpy(dtype=float).astype(object),
+            b["score"].reindex(edge_names).to_numpy(dtype=float).astype(object),
+        ],
+        axis=1,
+    )
+    step_a = nodes_a["step"].iloc[0] if "step" in nodes_a.columns else "a"
+    step_b = nodes_b["step"].iloc[0] if "step" in nodes_b.columns else "b"
+    fig.add_trace(
+        go.Scatter(
+            x=np.round(xs[:, mid], 3),
+            y=np.round(ys[:, mid], 3),
+            mode="markers",
+            marker={"size": 10, "color": "rgba(0,0,0,0)"},
+            customdata=custom,
+            hovertemplate="<b>%{customdata[0]}</b>: %{customdata[1]}<br>"
+            f"score at step {step_a}: %{{customdata[2]:.4g}}<br>"
+            f"score at step {step_b}: %{{customdata[3]:.4g}}<extra></extra>",
+            name="edge scores (hover)",
+            showlegend=False,
+        )
+    )
+    node_traces = _graph_traces(nodes_b, edges_b.iloc[:0], positions, legend=False)
+    for trace in node_traces:
+        if trace.name in ("nodes", "head inputs (q, k, v)"):
+            fig.add_trace(trace)
+    title = title or (
+        f"Circuit change from step {step_a} to step {step_b}: "
+        f"{int((status == 'gained').sum())} edges gained, {int((status == 'lost').sum())} lost, "
+        f"{int(flipped.sum())} flipped sign"
+    )
+    return _graph_layout(fig, positions, title)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interactive circuit explorer
+# ---------------------------------------------------------------------------------------------
+THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+"""Explorer threshold choices: hide edges with |score| below this fraction of the step's
+strongest edge."""
+
+
+def _compact(value: float, digits: int = 4) -> float | None:
+    if value is None or not np.isfinite(value):
+        return None
+    return float(f"{value:.{digits}g}")
+
+
+def circuit_explorer(
+    nodes: pd.DataFrame,
+    edges: pd.DataFrame,
+    *,
+    keys: pd.DataFrame | None = None,
+    step_text: Mapping[int, str] | None = None,
+    title: str = "Circuit over training",
+    max_edges: int = 60,
+    n_width_bins: int = 5,
+    start_step: int | None = None,
+) -> go.Figure:
+    """The circuit at every step of `circuit_evolution` tables (a ``step`` column tells the
+    steps apart), explorable in a browser: a step slider, one button per key step (``keys``:
+    a `key_steps` table), a threshold slider (hide edges weaker than a fraction of the
+    step's strongest; the default keeps at most ``max_edges`` per step), and a click on a node
+    highlights its edges. ``step_text``: a line per step shown beside the slider (e.g.
+    `circuitdyn.analysis.timeline.step_descriptions`: the step's metrics).
+
+    The figure's traces show ``start_step`` (default: the first) exactly as `circuit_graph`
+    draws it; the other steps live in ``layout.meta["circuitdyn"]`` (edge catalogue with
+    curves, per step the edges, scores, shares and nodes in the circuit) and are drawn by the
+    explorer script that `figure_html` (and the report) attach. There is no animation: nothing
+    moves until the reader moves a slider, and nodes never change place."""
+    steps = [int(s) for s in dict.fromkeys(nodes["step"].tolist())]
+    start = steps[0] if start_step is None else int(start_step)
+    names = list(dict.fromkeys(nodes["node"]))
+    positions = node_positions(names)
+    catalogue = edges.drop_duplicates("edge")[["edge", "src", "dst_node", "input"]].reset_index(
+        drop=True
+    )
+    index = {e: i for i, e in enumerate(catalogue["edge"])}
+    xs, ys = (
+        edge_paths(catalogue, positions) if len(catalogue) else (np.zeros((0, 1)), np.zeros((0, 1)))
+    )
+    ports = port_positions(positions)
+    port_index = {p: i for i, p in enumerate(ports["port"])}
+    node_index = {n: i for i, n in enumerate(names)}
+    frames = []
+    counts = []
+    for step in steps:
+        e = edges[edges["step"] == step]
+        n = nodes[nodes["step"] == step]
+        share = e["share"] if "share" in e.columns else pd.Series(np.nan, index=e.index)
+        frames.append(
+            {
+                "step": step,
+                "e": [index[x] for x in e["edge"]],
+                "s": [_compact(v) for v in e["score"].to_numpy(dtype=float)],
+                "h": [_compact(v, 3) for v in share.to_numpy(dtype=float)],
+                "n": [node_index[x] for x in n.loc[n["in_circuit"].astype(bool), "node"]],
+                "t": (step_text or {}).get(step, ""),
+            }
+        )
+        absolute = np.abs(e["score"].to_numpy(dtype=float))
+        top = np.nanmax(absolute, initial=0.0)
+        counts.append(
+            [int(np.sum(~(absolute < t * top))) if top > 0 else len(e) for t in THRESHOLDS]
+        )
+    fits = [i for i in range(len(THRESHOLDS)) if all(c[i] <= max_edges for c in counts)]
+    theta = fits[0] if fits else len(THRESHOLDS) - 1
+    start_nodes = nodes[nodes["step"] == start]
+    start_edges = edges[edges["step"] == start]
+    top = float(np.nanmax(np.abs(start_edges["score"].to_numpy(dtype=float)), initial=0.0))
+    visible = start_edges[
+        ~(np.abs(start_edges["score"].to_numpy(dtype=float)) < THRESHOLDS[theta] * top)
+    ]
+    traces = _graph_traces(
+        start_nodes, visible, positions, n_bins=n_width_bins, keep_slots=True, legend=True
+    )
+    n_slots = 2 * n_width_bins
+    spec = {
+        "widget": "circuit_explorer",
+        "title": title,
+        "steps": steps,
+        "start": steps.index(start),
+        "bins": n_width_bins,
+        "thresholds": list(THRESHOLDS),
+        "theta": theta,
+        "slots": {
+            "lines": list(range(n_slots)),
+            "faded": n_slots,
+            "unscored": n_slots + 1,
+            "hover": n_slots + 2,
+            "ports": n_slots + 3,
+            "nodes": n_slots + 4,
+        },
+        "nodes": names,
+        "kinds": positions["kind"].tolist(),
+        "kindColours": KIND_COLOURS,
+        "outColour": OUT_OF_CIRCUIT,
+        "edges": catalogue["edge"].tolist(),
+        "src": [node_index[s] for s in catalogue["src"]],
+        "dst": [node_index[d] for d in catalogue["dst_node"]],
+        "port": [
+            port_index.get(f"{d}<{i}>", -1)
+            for d, i in zip(catalogue["dst_node"], catalogue["input"], strict=True)
+        ],
+        "portNode": [node_index[n] for n in ports["node"]],
+        "px": np.round(xs, 3).tolist(),
+        "py": np.round(ys, 3).tolist(),
+        "keys": []
+        if keys is None
+        else [
+            {"step": int(r.snapshot_step), "label": r.label, "key": r.key}
+            for r in keys.dropna(subset=["snapshot_step"]).itertuples(index=False)
+            if int(r.snapshot_step) in steps
+        ],
+        "frames": frames,
+    }
+    fig = go.Figure(traces)
+    _graph_layout(
+        fig, positions, f"{title}: {_circuit_title(start_edges, start_nodes, len(visible), start)}"
+    )
+    fig.update_layout(meta={"circuitdyn": spec}, uirevision="circuit")
+    return fig
 
 
 def circuit_animation(
@@ -337,96 +946,98 @@ def circuit_animation(
     edges: pd.DataFrame,
     *,
     title: str = "Circuit over training",
-    n_width_bins: int = 5,
-    frame_ms: int = 400,
+    keys: pd.DataFrame | None = None,
+    step_text: Mapping[int, str] | None = None,
+    **options: Any,
 ) -> go.Figure:
-    """The circuit evolving, from `circuitdyn.analysis.circuit_evolution` tables (a ``step``
-    column tells the frames apart): one plotly frame per step (frame ``name`` = the step), a
-    step slider and play / pause buttons. Edge widths share one scale over all frames."""
-    positions = node_positions(list(dict.fromkeys(nodes["node"])))
-    steps = list(dict.fromkeys(nodes["step"].tolist()))
-    top = float(np.nanmax(np.abs(edges["score"].to_numpy(dtype=float)), initial=0.0))
-    frames = []
-    for step in steps:
-        traces = _graph_traces(
-            nodes[nodes["step"] == step],
-            edges[edges["step"] == step],
-            positions,
-            top,
-            n_width_bins,
+    """The old name of `circuit_explorer` (which replaced the autoplaying animation)."""
+    return circuit_explorer(nodes, edges, keys=keys, step_text=step_text, title=title, **options)
+
+
+@cache
+def _asset_js(name: str) -> str:
+    return resources.files("circuitdyn").joinpath("assets", "js", name).read_text(encoding="utf-8")
+
+
+def explorer_script() -> str:
+    """The explorer's JavaScript (defines ``window.circuitdynExplorer(graphDiv)``)."""
+    return _asset_js("circuit_explorer.js")
+
+
+def is_widget(fig: go.Figure) -> bool:
+    """Whether ``fig`` is a `circuit_explorer` (its HTML needs `explorer_script`)."""
+    meta = fig.layout.meta
+    return isinstance(meta, dict) and "circuitdyn" in meta
+
+
+def figure_html(
+    fig: go.Figure,
+    *,
+    include_plotlyjs: bool | str = True,
+    full_html: bool = True,
+    div_id: str | None = None,
+) -> str:
+    """The HTML of one figure: never autoplaying, responsive, without the plotly logo; an
+    explorer (`circuit_explorer`) gets its script. ``include_plotlyjs`` as in
+    ``Figure.to_html`` (True: embedded, works offline)."""
+    post = None
+    if is_widget(fig):
+        post = (
+            explorer_script() + "\nwindow.circuitdynExplorer(document.getElementById('{plot_id}'));"
         )
-        frames.append(go.Frame(data=traces, name=str(step)))
-    fig = go.Figure(data=frames[0].data if frames else [], frames=frames)
-    _graph_layout(fig, positions, title)
-    slider_steps = [
-        {
-            "label": str(step),
-            "method": "animate",
-            "args": [[str(step)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}],
-        }
-        for step in steps
-    ]
-    fig.update_layout(
-        sliders=[
-            {
-                "active": 0,
-                "currentvalue": {"prefix": "training step: "},
-                "pad": {"t": 60},
-                "steps": slider_steps,
-            }
-        ],
-        updatemenus=[
-            {
-                "type": "buttons",
-                "direction": "left",
-                "x": 0.0,
-                "y": 1.12,
-                "buttons": [
-                    {
-                        "label": "play",
-                        "method": "animate",
-                        "args": [
-                            None,
-                            {"frame": {"duration": frame_ms, "redraw": True}, "fromcurrent": True},
-                        ],
-                    },
-                    {
-                        "label": "pause",
-                        "method": "animate",
-                        "args": [[None], {"mode": "immediate", "frame": {"duration": 0}}],
-                    },
-                ],
-            }
-        ],
+    return fig.to_html(
+        include_plotlyjs=include_plotlyjs,
+        full_html=full_html,
+        div_id=div_id,
+        auto_play=False,
+        post_script=post,
+        config={"responsive": True, "displaylogo": False},
     )
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------
 # dynamics
 # ---------------------------------------------------------------------------------------------
 def evolution_heatmap(
-    matrix: pd.DataFrame, *, kind: str = "score", title: str | None = None
+    matrix: pd.DataFrame,
+    *,
+    kind: str = "score",
+    title: str | None = None,
+    keys: pd.DataFrame | None = None,
 ) -> go.Figure:
     """Node x step heatmap of a `node_score_matrix` (``kind="score"``: diverging colours around
-    0, metric units) or `node_membership` table (``kind="membership"``: 1 in the circuit, 0
-    not). z is the table's values (rows = nodes, columns = steps)."""
-    if kind not in ("score", "membership"):
-        raise ValueError(f"kind must be 'score' or 'membership', got {kind!r}")
+    0, metric units), its `column_shares` (``kind="share"``: each step's scores over the step's
+    Σ|score|, so a step where every score shrinks or flips sign does not wash out the others)
+    or a `node_membership` table (``kind="membership"``: 1 in the circuit, 0 not). z is the
+    table's values (rows = nodes, columns = steps)."""
+    if kind not in ("score", "share", "membership"):
+        raise ValueError(f"kind must be 'score', 'share' or 'membership', got {kind!r}")
     z = matrix.to_numpy(dtype=float)
     x = [int(c) for c in matrix.columns]
     y = [str(i) for i in matrix.index]
-    if kind == "score":
+    if kind in ("score", "share"):
+        span = float(np.nanmax(np.abs(z), initial=0.0)) or 1.0
+        colour_title = (
+            "node score (logits)" if kind == "score" else "share of the step's Σ|node score|"
+        )
         trace = go.Heatmap(
             z=z,
             x=x,
             y=y,
             colorscale="RdBu",
             zmid=0.0,
-            colorbar={"title": {"text": "node score (logits)"}},
-            hovertemplate="step %{x}<br>%{y}<br>score %{z:.4g}<extra></extra>",
+            zmin=-span,
+            zmax=span,
+            colorbar={"title": {"text": colour_title, "side": "right"}},
+            hovertemplate="step %{x}<br>%{y}<br>"
+            + ("score %{z:.4g}" if kind == "score" else "share %{z:.2%}")
+            + "<extra></extra>",
         )
-        default = "Node scores over training"
+        default = (
+            "Node scores over training (raw, logits)"
+            if kind == "score"
+            else "Node scores over training, normalised per step"
+        )
     else:
         trace = go.Heatmap(
             z=z,
@@ -445,34 +1056,137 @@ def evolution_heatmap(
         default = "Circuit membership over training"
     fig = go.Figure(trace)
     fig.update_yaxes(autorange="reversed")
-    return _finish(fig, title or default, "training step (update index)", "node")
+    mark_key_steps(fig, keys)
+    return _finish(fig, title or default, STEP_AXIS, "node")
 
 
-def churn_figure(churn: pd.DataFrame, *, title: str = "Circuit churn") -> go.Figure:
-    """Jaccard indices of a `churn` table over steps: nodes and edges against the previous,
-    the first and the last step's circuit (6 lines, y = the table's columns)."""
-    fig = go.Figure()
-    styles = {"prev": "solid", "first": "dash", "last": "dot"}
-    names = {"prev": "previous step", "first": "first step", "last": "last step"}
-    for level, colour in (("edges", POSITIVE), ("nodes", "#dd8452")):
-        for ref in ("prev", "first", "last"):
-            column = f"jaccard_{level}_{ref}"
-            fig.add_trace(
-                go.Scatter(
-                    x=churn["step"],
-                    y=churn[column],
-                    mode="lines",
-                    name=f"{level} vs {names[ref]}",
-                    line={"color": colour, "dash": styles[ref]},
-                )
-            )
-    fig.update_yaxes(range=[0, 1.05])
-    return _finish(fig, title, "training step (update index)", "Jaccard index (0–1)")
+def membership_raster(
+    raster: pd.DataFrame,
+    curve: pd.DataFrame | None = None,
+    *,
+    metric: str = "dev_metric",
+    keys: pd.DataFrame | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Edges x steps membership (an `edge_membership` table: rows sorted by the step each edge
+    entered) under the metric curve (``curve``: ``step`` and ``metric``, e.g. the run's
+    evaluations), sharing the step axis. Blue cell: the edge is in the circuit at that step."""
+    has_curve = curve is not None and metric in curve.columns and curve[metric].notna().any()
+    fig = make_subplots(
+        rows=2 if has_curve else 1,
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[0.22, 0.78] if has_curve else [1.0],
+        vertical_spacing=0.04,
+    )
+    row = 1
+    if has_curve:
+        rows = curve.dropna(subset=[metric])
+        fig.add_trace(
+            go.Scatter(
+                x=rows["step"],
+                y=rows[metric],
+                mode="lines+markers",
+                name=_SHORT_LABELS.get(metric, metric),
+                line={"color": "#333"},
+                marker={"size": 5},
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_hline(y=0, line={"color": "#999", "width": 1}, row=1, col=1)
+        fig.update_yaxes(title_text=_SHORT_LABELS.get(metric, metric), row=1, col=1)
+        row = 2
+    fig.add_trace(
+        go.Heatmap(
+            z=raster.to_numpy(dtype=np.int8),
+            x=[int(c) for c in raster.columns],
+            y=[str(e) for e in raster.index],
+            zmin=0,
+            zmax=1,
+            colorscale=[[0.0, "#f4f4f4"], [0.5, "#f4f4f4"], [0.5, POSITIVE], [1.0, POSITIVE]],
+            showscale=False,
+            name="edge membership",
+            hovertemplate="step %{x}<br>%{y}<br>in circuit %{z}<extra></extra>",
+        ),
+        row=row,
+        col=1,
+    )
+    fig.update_yaxes(
+        title_text="edge (sorted by the step it entered)",
+        autorange="reversed",
+        showticklabels=len(raster) <= 60,
+        tickfont={"size": 9},
+        row=row,
+        col=1,
+    )
+    fig.update_xaxes(title_text=STEP_AXIS, row=row, col=1)
+    if has_curve:
+        fig.update_xaxes(title_text="", row=1, col=1)
+    mark_key_steps(fig, keys)
+    fig.update_layout(height=max(450, min(1100, 200 + 9 * len(raster))))
+    return _finish(
+        fig, title or f"Edge membership over training ({len(raster)} edges ever in the circuit)"
+    )
 
 
-def size_figure(sizes: pd.DataFrame, *, title: str = "Circuit size") -> go.Figure:
-    """A `circuit_sizes` table: edges, nodes and heads (left axis, counts) and tunable parameters
-    (right axis) per step."""
+def churn_figure(
+    churn: pd.DataFrame,
+    *,
+    title: str = "Circuit churn: edges entering and leaving",
+    keys: pd.DataFrame | None = None,
+    window: int = 5,
+) -> go.Figure:
+    """Edges entering (up, green) and leaving (down, red) the circuit at each step, and the
+    Jaccard index of the edge set with the previous step's, smoothed (right axis). Takes a
+    `churn_counts` table (or a `churn` table: the smoothing, a centred rolling mean over
+    ``window`` steps, is then computed here)."""
+    table = churn
+    if "jaccard_edges_prev_smoothed" not in table.columns:
+        table = table.assign(
+            jaccard_edges_prev_smoothed=table["jaccard_edges_prev"]
+            .rolling(window, center=True, min_periods=1)
+            .mean()
+        )
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(
+        go.Bar(x=table["step"], y=table["edges_added"], name="edges entering", marker_color=GAINED),
+        secondary_y=False,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=table["step"],
+            y=-table["edges_removed"],
+            name="edges leaving (drawn downwards)",
+            marker_color=NEGATIVE,
+            customdata=table["edges_removed"],
+            hovertemplate="step %{x}: %{customdata} edges left<extra></extra>",
+        ),
+        secondary_y=False,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=table["step"],
+            y=table["jaccard_edges_prev_smoothed"],
+            mode="lines",
+            name=f"edge Jaccard with the previous step ({window}-step mean)",
+            line={"color": "#333", "width": 2.5},
+        ),
+        secondary_y=True,
+    )
+    fig.update_layout(barmode="relative", bargap=0.1)
+    fig.update_yaxes(title_text="edges entering (+) / leaving (−) (count)", secondary_y=False)
+    fig.update_yaxes(title_text="Jaccard index (0–1)", range=[0, 1.05], secondary_y=True)
+    mark_key_steps(fig, keys)
+    fig.update_layout(legend={"orientation": "h", "y": -0.22})
+    return _finish(fig, title, STEP_AXIS)
+
+
+def size_figure(
+    sizes: pd.DataFrame, *, title: str = "Circuit size", keys: pd.DataFrame | None = None
+) -> go.Figure:
+    """A `circuit_sizes` table: edges, nodes and heads (left axis, counts from 0) and tunable
+    parameters (right axis, from 0) per step."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     for column, colour in (("n_edges", POSITIVE), ("n_nodes", "#dd8452"), ("n_heads", "#55a868")):
         fig.add_trace(
@@ -486,12 +1200,18 @@ def size_figure(sizes: pd.DataFrame, *, title: str = "Circuit size") -> go.Figur
             secondary_y=False,
         )
     _right_axis_line(fig, sizes, "step", "n_tunable", "tunable parameters", "count", "lines")
-    fig.update_yaxes(title_text="edges / nodes / heads (count)", secondary_y=False)
-    return _finish(fig, title, "training step (update index)")
+    fig.update_yaxes(
+        title_text="edges / nodes / heads (count)", rangemode="tozero", secondary_y=False
+    )
+    mark_key_steps(fig, keys)
+    return _finish(fig, title, STEP_AXIS)
 
 
 def layer_composition_figure(
-    composition: pd.DataFrame, *, title: str = "Circuit nodes per layer"
+    composition: pd.DataFrame,
+    *,
+    title: str = "Circuit nodes per layer",
+    keys: pd.DataFrame | None = None,
 ) -> go.Figure:
     """Heatmap layer x step of a `layer_composition` table: z = ``n_nodes`` (heads + MLP of the
     layer in the circuit); hover shows heads and MLP separately."""
@@ -506,25 +1226,33 @@ def layer_composition_figure(
             y=[f"L{int(i)}" for i in z.index],
             customdata=custom,
             colorscale="Blues",
+            zmin=0,
             colorbar={"title": {"text": "nodes (count)"}},
             hovertemplate="step %{x}<br>%{y}: %{z} nodes (%{customdata[0]} heads, "
             "MLP %{customdata[1]})<extra></extra>",
         )
     )
-    return _finish(fig, title, "training step (update index)", "layer")
+    mark_key_steps(fig, keys)
+    return _finish(fig, title, STEP_AXIS, "layer")
 
 
 def events_figure(
-    events: pd.DataFrame, node_names: Sequence[str], *, title: str = "Node entries and exits"
+    events: pd.DataFrame,
+    node_names: Sequence[str],
+    *,
+    title: str = "Node entries and exits",
+    keys: pd.DataFrame | None = None,
 ) -> go.Figure:
     """A `node_events` table as markers: x = step, y = node (in ``node_names`` order); green
     triangles up = entries, red triangles down = exits."""
     fig = go.Figure()
     for event, symbol, colour in (
-        ("enter", "triangle-up", "#1a9850"),
+        ("enter", "triangle-up", GAINED),
         ("exit", "triangle-down", NEGATIVE),
     ):
         rows = events[events["event"] == event]
+        if rows.empty:
+            continue
         fig.add_trace(
             go.Scatter(
                 x=rows["step"],
@@ -535,7 +1263,8 @@ def events_figure(
             )
         )
     fig.update_yaxes(categoryorder="array", categoryarray=list(node_names), autorange="reversed")
-    return _finish(fig, title, "training step (update index)", "node")
+    mark_key_steps(fig, keys)
+    return _finish(fig, title, STEP_AXIS, "node")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,10 +1275,21 @@ def edge_trajectories_figure(
     trends: pd.DataFrame | None = None,
     *,
     title: str = "Top edge scores over training",
+    keys: pd.DataFrame | None = None,
 ) -> go.Figure:
-    """One line per edge of an `edge_trajectories` table (x = step, y = score); with an
-    `edge_trends` table, each edge's OLS fit as a dashed line of the same colour."""
-    fig = go.Figure()
+    """One line per edge of an `edge_trajectories` table (x = step, y = score) with each
+    edge's OLS fit (`edge_trends`) dashed; with a ``share`` column (`score_shares`), a second
+    panel shows the score as a share of its step's Σ|score|, which a change of sign of the
+    task metric does not dominate."""
+    has_share = "share" in trajectories.columns and trajectories["share"].notna().any()
+    fig = make_subplots(
+        rows=1,
+        cols=2 if has_share else 1,
+        subplot_titles=["raw score (logits)", "share of the step's Σ|score|"]
+        if has_share
+        else None,
+        horizontal_spacing=0.08,
+    )
     palette = _palette()
     fits = trends.set_index("edge") if trends is not None else None
     for i, (edge, rows) in enumerate(trajectories.groupby("edge", sort=False)):
@@ -558,12 +1298,13 @@ def edge_trajectories_figure(
             go.Scatter(
                 x=rows["step"],
                 y=rows["score"],
-                mode="lines+markers",
-                marker={"size": 4},
+                mode="lines",
                 line={"color": colour},
                 name=edge,
                 legendgroup=edge,
-            )
+            ),
+            row=1,
+            col=1,
         )
         if fits is not None and edge in fits.index and np.isfinite(fits.at[edge, "slope"]):
             xs = np.array([rows["step"].min(), rows["step"].max()], dtype=float)
@@ -577,10 +1318,31 @@ def edge_trajectories_figure(
                     name=f"{edge} trend (p={fits.at[edge, 'p_value']:.2g})",
                     legendgroup=edge,
                     showlegend=False,
-                )
+                ),
+                row=1,
+                col=1,
+            )
+        if has_share and rows["share"].notna().any():
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["step"],
+                    y=rows["share"],
+                    mode="lines",
+                    line={"color": colour},
+                    name=f"{edge} (share)",
+                    legendgroup=edge,
+                    showlegend=False,
+                ),
+                row=1,
+                col=2,
             )
     fig.add_hline(y=0, line={"color": "#999", "width": 1})
-    return _finish(fig, title, "training step (update index)", "edge score (logits)")
+    fig.update_yaxes(title_text="edge score (logits)", row=1, col=1)
+    if has_share:
+        fig.update_yaxes(title_text="score / step Σ|score| (signed fraction)", row=1, col=2)
+    mark_key_steps(fig, keys)
+    fig.update_layout(height=520)
+    return _finish(fig, title, STEP_AXIS)
 
 
 def rank_change_figure(ranks: pd.DataFrame, *, title: str | None = None) -> go.Figure:
@@ -604,8 +1366,8 @@ def rank_change_figure(ranks: pd.DataFrame, *, title: str | None = None) -> go.F
     fig.update_yaxes(autorange="reversed", type="log")
     return _finish(
         fig,
-        title or "Rank changes of the top edges",
-        "attributed step",
+        title or f"Rank changes of the top edges (step {first} → step {last})",
+        "attributed step (state before that update)",
         "rank by |score| (1 = strongest, log scale)",
     )
 
@@ -617,6 +1379,12 @@ def _pivot_heads(roles: pd.DataFrame, value: str) -> pd.DataFrame:
     return roles.pivot(index="layer", columns="head", values=value).sort_index()
 
 
+def _role_step(roles: pd.DataFrame, step: int) -> int:
+    """The step-axis position of a head-role row's ``step`` (``updates`` when present)."""
+    rows = roles[roles["step"] == step]
+    return int(rows["updates"].iloc[0]) if "updates" in rows.columns and len(rows) else int(step)
+
+
 def head_heatmaps(
     roles: pd.DataFrame,
     value: str = "dla",
@@ -624,88 +1392,73 @@ def head_heatmaps(
     *,
     title: str | None = None,
 ) -> go.Figure:
-    """Layer x head heatmaps of a `head_roles` table's ``value`` column at ``steps`` (default:
-    its first and last step, i.e. before / after), plus their difference (last - first) when
-    two steps are shown. Before/after share one colour axis; the difference has its own."""
+    """Layer x head heatmaps of a `head_roles` table's ``value`` column at ``steps`` (its
+    ``step`` labels; default: the first and the last, i.e. before / after), plus their
+    difference (last − first) when two steps are shown. Every panel shares one colour scale
+    (diverging around 0 for DLA and for differences), and each cell is annotated with its
+    value."""
     all_steps = sorted(roles["step"].unique().tolist())
     chosen = [all_steps[0], all_steps[-1]] if steps is None else list(steps)
     chosen = list(dict.fromkeys(chosen))
     panels = [_pivot_heads(roles[roles["step"] == s], value) for s in chosen]
-    names = [("initial model" if s < 0 else f"after update {s}") for s in chosen]
+    names = ["initial model (t = 0)" if s < 0 else f"step {_role_step(roles, s)}" for s in chosen]
     diff = len(panels) == 2
     if diff:
         panels.append(panels[1] - panels[0])
         names.append("difference (last − first)")
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=names, horizontal_spacing=0.08)
-    shared = np.concatenate([p.to_numpy(dtype=float).ravel() for p in panels[: len(chosen)]])
-    diverging = value == "dla"
+    diverging = value == "dla" or diff
+    values = np.concatenate([p.to_numpy(dtype=float).ravel() for p in panels])
+    span = float(np.nanmax(np.abs(values), initial=0.0)) or 1.0
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=names, horizontal_spacing=0.06)
     for i, panel in enumerate(panels):
-        is_diff = diff and i == len(panels) - 1
         fig.add_trace(
             go.Heatmap(
                 z=panel.to_numpy(dtype=float),
                 x=[f"h{int(h)}" for h in panel.columns],
                 y=[f"L{int(la)}" for la in panel.index],
-                coloraxis="coloraxis2" if is_diff else "coloraxis",
+                coloraxis="coloraxis",
                 name=names[i],
+                texttemplate="%{z:.2f}",
+                textfont={"size": 11},
                 hovertemplate="%{y} %{x}: %{z:.4g}<extra>" + names[i] + "</extra>",
             ),
             row=1,
             col=i + 1,
         )
-    span = float(np.nanmax(np.abs(shared), initial=0.0)) or 1.0
     label = _label(value, ROLE_LABELS)
     fig.update_layout(
         coloraxis={
             "colorscale": "RdBu" if diverging else "Viridis",
-            "cmin": -span if diverging else float(np.nanmin(shared, initial=0.0)),
-            "cmax": span if diverging else float(np.nanmax(shared, initial=1.0)),
-            "colorbar": {"title": {"text": label}, "len": 0.9}
-            if not diff
-            else {
-                "title": {"text": label, "side": "top"},
-                "orientation": "h",
-                "x": 0.3,
-                "xanchor": "center",
-                "y": -0.45,
-                "len": 0.55,
-                "thickness": 12,
-            },
+            "cmin": -span if diverging else float(np.nanmin(values, initial=0.0)),
+            "cmax": span,
+            "cmid": 0.0 if diverging else None,
+            "colorbar": {"title": {"text": label, "side": "right"}, "len": 0.9},
         }
     )
-    if diff:
-        d = panels[-1].to_numpy(dtype=float)
-        dspan = float(np.nanmax(np.abs(d), initial=0.0)) or 1.0
-        fig.update_layout(
-            coloraxis2={
-                "colorscale": "PuOr",
-                "cmin": -dspan,
-                "cmax": dspan,
-                "colorbar": {"title": {"text": "change"}, "x": 1.02, "len": 0.9},
-            }
-        )
     fig.update_xaxes(title_text="head")
-    fig.update_yaxes(autorange="reversed")
-    fig.update_yaxes(title_text="layer", row=1, col=1)
-    if diff:
-        fig.update_layout(margin={"b": 170})
-    return _finish(fig, title or f"Head roles: {label}")
+    fig.update_yaxes(autorange="reversed", title_text="layer")
+    return _finish(fig, title or f"Head roles: {label} (one colour scale, values in cells)")
 
 
 def head_role_trajectories(
-    roles: pd.DataFrame, value: str = "dla", *, top_k: int = 8, title: str | None = None
+    roles: pd.DataFrame,
+    value: str = "dla",
+    *,
+    top_k: int = 8,
+    title: str | None = None,
+    keys: pd.DataFrame | None = None,
 ) -> go.Figure:
     """One line per head (the ``top_k`` with the largest |value| at any checkpoint) of a
-    `head_roles` table's ``value`` over updates (0 = the initial model)."""
+    `head_roles` table's ``value`` on the step axis (``updates``: 0 = the initial model). With
+    a ``group`` column (several seeds), the mean over seeds with a ± std band."""
     strength = roles.groupby("node")[value].apply(lambda s: s.abs().max())
-    chosen = strength.sort_values(ascending=False, kind="stable").index[:top_k]
-    fig = go.Figure()
-    for node in chosen:
-        rows = roles[roles["node"] == node].sort_values("updates")
-        fig.add_trace(go.Scatter(x=rows["updates"], y=rows[value], mode="lines+markers", name=node))
+    chosen = list(strength.sort_values(ascending=False, kind="stable").index[:top_k])
     label = _label(value, ROLE_LABELS)
+    table = roles[roles["node"].isin(chosen)].assign(group=lambda t: t["node"])
+    table = table.rename(columns={"updates": "x_step"})
+    fig = _bands(table, value, x="x_step", order=chosen)
     if value == "attention_to_subject" and "uniform_baseline" in roles.columns:
-        base = roles.groupby("updates")["uniform_baseline"].first()
+        base = roles.groupby("updates")["uniform_baseline"].mean()
         fig.add_trace(
             go.Scatter(
                 x=base.index,
@@ -715,12 +1468,9 @@ def head_role_trajectories(
                 line={"color": "#999", "dash": "dot"},
             )
         )
-    return _finish(
-        fig,
-        title or f"Head roles over training: {label}",
-        "updates applied (0 = initial model)",
-        label,
-    )
+    fig.add_hline(y=0, line={"color": "#bbb", "width": 1})
+    mark_key_steps(fig, keys)
+    return _finish(fig, title or f"Head roles over training: {label}", STEP_AXIS, label)
 
 
 def weight_change_heatmaps(
@@ -753,11 +1503,14 @@ def weight_change_heatmaps(
             col=i + 1,
         )
     fig.update_layout(
-        coloraxis={"colorscale": "Viridis", "colorbar": {"title": {"text": "relative change"}}}
+        coloraxis={
+            "colorscale": "Viridis",
+            "cmin": 0.0,
+            "colorbar": {"title": {"text": "relative change"}},
+        }
     )
     fig.update_xaxes(title_text="component (head or MLP)")
-    fig.update_yaxes(autorange="reversed")
-    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", title_text="layer")
     return _finish(fig, title or "Where the weights moved (relative change, ‖W−W₀‖/‖W₀‖)")
 
 
@@ -837,10 +1590,11 @@ def intrinsic_dimension_figure(
 
 
 def membership_sankey(
-    flows: pd.DataFrame, *, title: str = "Node membership: before → during → after"
+    flows: pd.DataFrame, *, title: str = "Node membership across the key steps"
 ) -> go.Figure:
     """Sankey of a `membership_flows` table: one Sankey node per (phase, state), one link per
-    row with value = ``count`` (nodes) and the node names on hover."""
+    row with value = ``count`` (nodes) and the node names on hover. Name the phases after
+    their steps (e.g. ``"step 35 (dev metric crosses 0)"``) when building the table."""
     labels: list[str] = []
     index: dict[tuple[str, str], int] = {}
     for phase_col, state_col in (
@@ -852,7 +1606,7 @@ def membership_sankey(
                 index[(phase, state)] = len(labels)
                 labels.append(f"{phase}: {'in circuit' if state == 'in' else 'not in circuit'}")
     colours = [
-        POSITIVE if "in circuit" in lab and "not" not in lab else "#bbbbbb" for lab in labels
+        POSITIVE if "in circuit" in lab and "not in" not in lab else "#bbbbbb" for lab in labels
     ]
     fig = go.Figure(
         go.Sankey(
@@ -872,7 +1626,9 @@ def membership_sankey(
             },
         )
     )
-    fig.update_layout(title={"text": title + " (link width = number of nodes)"}, template=TEMPLATE)
+    fig.update_layout(
+        title={"text": title + " (link width = number of nodes)"}, template=TEMPLATE, font=FONT
+    )
     return fig
 
 
@@ -926,18 +1682,115 @@ def faithfulness_curve_figure(
     )
 
 
-def strategy_curves_figure(
-    curves: pd.DataFrame, metric: str = "dev_metric", *, title: str | None = None
+def _rgba(colour: str, alpha: float) -> str:
+    colour = colour.lstrip("#")
+    r, g, b = (int(colour[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _bands(
+    table: pd.DataFrame,
+    value: str,
+    *,
+    x: str = "step",
+    group: str = "group",
+    order: Sequence[str] | None = None,
 ) -> go.Figure:
-    """One line per ``run`` of a `strategy_curves` table: ``metric`` over steps."""
+    """One line per ``group`` of ``table`` (rows: one per run and x): the mean of ``value``
+    over the group's runs, with a ± std band when the group has several runs."""
     fig = go.Figure()
-    for run, rows in curves.groupby("run", sort=False):
-        rows = rows.dropna(subset=[metric]) if metric in rows.columns else rows.iloc[:0]
+    palette = _palette()
+    groups = list(order) if order is not None else list(dict.fromkeys(table[group]))
+    for i, name in enumerate(groups):
+        rows = table[(table[group] == name)].dropna(subset=[value])
+        if rows.empty:
+            continue
+        stats = rows.groupby(x, sort=True)[value].agg(["mean", "std", "size"])
+        stats["std"] = rows.groupby(x, sort=True)[value].agg(lambda s: float(np.std(s)))
+        colour = palette[i % len(palette)]
+        n_seeds = int(stats["size"].max())
+        if n_seeds > 1:
+            xs = stats.index.to_numpy(dtype=float)
+            lo = (stats["mean"] - stats["std"]).to_numpy(dtype=float)
+            hi = (stats["mean"] + stats["std"]).to_numpy(dtype=float)
+            fig.add_trace(
+                go.Scatter(
+                    x=np.concatenate([xs, xs[::-1]]),
+                    y=np.concatenate([hi, lo[::-1]]),
+                    fill="toself",
+                    fillcolor=_rgba(colour, 0.18),
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    name=f"{name} ± std",
+                    legendgroup=str(name),
+                    showlegend=False,
+                )
+            )
         fig.add_trace(
-            go.Scatter(x=rows["step"], y=rows[metric], mode="lines+markers", name=str(run))
+            go.Scatter(
+                x=stats.index,
+                y=stats["mean"],
+                mode="lines+markers" if len(stats) <= 40 else "lines",
+                marker={"size": 5},
+                line={"color": colour, "width": 2},
+                name=f"{name} (mean of {n_seeds} seeds ± std)" if n_seeds > 1 else str(name),
+                legendgroup=str(name),
+                customdata=stats["size"],
+                hovertemplate=f"{name}<br>step %{{x}}: %{{y:.4g}} (n = %{{customdata}})"
+                "<extra></extra>",
+            )
         )
+    return fig
+
+
+def band_figure(
+    table: pd.DataFrame,
+    value: str,
+    *,
+    x: str = "step",
+    group: str = "group",
+    title: str | None = None,
+    y_title: str | None = None,
+    keys: pd.DataFrame | None = None,
+    zero_line: bool = False,
+    y_from_zero: bool = False,
+) -> go.Figure:
+    """``value`` over ``x`` per ``group`` of a long table with one row per run and step: the
+    mean over a group's runs (seeds) and a band of ± one standard deviation."""
+    fig = _bands(table, value, x=x, group=group)
+    if zero_line:
+        fig.add_hline(y=0, line={"color": "#999", "width": 1})
+    if y_from_zero:
+        fig.update_yaxes(rangemode="tozero")
+    mark_key_steps(fig, keys)
+    label = y_title or _label(value)
+    return _finish(fig, title or f"{label} per run", STEP_AXIS if x == "step" else x, label)
+
+
+def strategy_curves_figure(
+    curves: pd.DataFrame,
+    metric: str = "dev_metric",
+    *,
+    title: str | None = None,
+    keys: pd.DataFrame | None = None,
+) -> go.Figure:
+    """``metric`` over steps per run of a `strategy_curves` table; with a ``group`` column
+    (runs of several seeds), the mean per group with a ± std band over its seeds."""
+    table = curves if "group" in curves.columns else curves.assign(group=curves["run"])
+    fig = _bands(table, metric)
+    if metric in ("dev_metric", "faithfulness", "faithfulness_masked"):
+        fig.add_hline(
+            y=0 if metric == "dev_metric" else 1,
+            line={"color": "#999", "width": 1},
+        )
+    mark_key_steps(fig, keys)
     label = _label(metric)
-    return _finish(fig, title or f"{label} per run", "training step (updates seen)", label)
+    default = (
+        f"{label}: mean over seeds ± std"
+        if table.groupby("group")["run"].nunique().max() > 1
+        else f"{label} per run"
+    )
+    return _finish(fig, title or default, STEP_AXIS, label)
 
 
 def final_metrics_bars(
@@ -947,35 +1800,49 @@ def final_metrics_bars(
     title: str = "Final evaluation per run",
 ) -> go.Figure:
     """One bar panel per metric of a `final_evals` table, one bar per run (y = the table's
-    values)."""
-    present = [m for m in metrics if m in finals.columns]
+    values); with a ``group`` column, one bar per group at the mean over its runs (seeds) with
+    ± std error bars."""
+    present = [m for m in metrics if m in finals.columns and finals[m].notna().any()]
     fig = make_subplots(
         rows=1,
         cols=max(1, len(present)),
         subplot_titles=[_SHORT_LABELS.get(m, m) for m in present],
-        horizontal_spacing=0.1,
+        horizontal_spacing=0.08,
     )
     palette = _palette()
-    runs = finals["run"].astype(str).tolist()
+    key = "group" if "group" in finals.columns else "run"
     for i, metric in enumerate(present):
+        stats = finals.groupby(key, sort=False)[metric].agg(
+            mean="mean", std=lambda s: float(np.std(s.dropna())), n="count"
+        )
+        several = bool((stats["n"] > 1).any())
         fig.add_trace(
             go.Bar(
-                x=runs,
-                y=finals[metric],
+                x=stats.index.astype(str),
+                y=stats["mean"],
+                error_y={"type": "data", "array": stats["std"], "visible": several},
                 name=metric,
-                marker_color=[palette[j % len(palette)] for j in range(len(runs))],
+                marker_color=[palette[j % len(palette)] for j in range(len(stats))],
+                customdata=stats["n"],
+                hovertemplate="%{x}: %{y:.4g}"
+                + (" ± %{error_y.array:.2g} (%{customdata} seeds)" if several else "")
+                + "<extra></extra>",
                 showlegend=False,
             ),
             row=1,
             col=i + 1,
         )
         fig.update_yaxes(title_text=_UNITS.get(metric, metric), row=1, col=i + 1)
-    fig.update_xaxes(title_text="run")
+    fig.update_xaxes(title_text="run" if key == "run" else "strategy (mean ± std over seeds)")
     return _finish(fig, title)
 
 
 def training_curves(
-    metrics: pd.DataFrame, evals: pd.DataFrame | None = None, *, title: str = "Training"
+    metrics: pd.DataFrame,
+    evals: pd.DataFrame | None = None,
+    *,
+    title: str = "Training",
+    keys: pd.DataFrame | None = None,
 ) -> go.Figure:
     """Training loss (left panel, nats/token) and the task metric (right panel, logits) per step
     from a run's metrics table, with the dev metric from its evaluations table."""
@@ -985,11 +1852,16 @@ def training_curves(
         row=1,
         col=1,
     )
-    if evals is not None and "general_loss" in evals.columns:
+    if (
+        evals is not None
+        and "general_loss" in evals.columns
+        and evals["general_loss"].notna().any()
+    ):
+        rows = evals.dropna(subset=["general_loss"])
         fig.add_trace(
             go.Scatter(
-                x=evals["step"],
-                y=evals["general_loss"],
+                x=rows["step"],
+                y=rows["general_loss"],
                 mode="lines+markers",
                 name="general LM loss (dev)",
             ),
@@ -1004,17 +1876,20 @@ def training_curves(
             row=1,
             col=2,
         )
-    if evals is not None and "dev_metric" in evals.columns:
+    if evals is not None and "dev_metric" in evals.columns and evals["dev_metric"].notna().any():
+        rows = evals.dropna(subset=["dev_metric"])
         fig.add_trace(
             go.Scatter(
-                x=evals["step"], y=evals["dev_metric"], mode="lines+markers", name="dev metric"
+                x=rows["step"], y=rows["dev_metric"], mode="lines+markers", name="dev metric"
             ),
             row=1,
             col=2,
         )
-    fig.update_xaxes(title_text="training step (update index)")
+    fig.add_hline(y=0, line={"color": "#999", "width": 1}, row=1, col=2)
+    fig.update_xaxes(title_text=STEP_AXIS)
     fig.update_yaxes(title_text="loss (nats/token)", row=1, col=1)
     fig.update_yaxes(title_text="logit(target) − logit(foil) (logits)", row=1, col=2)
+    mark_key_steps(fig, keys)
     return _finish(fig, title)
 
 
@@ -1027,6 +1902,9 @@ def _palette() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------------
+PNG_WIDTH = 1500
+"""Pixel width of exported PNGs (the figure is laid out at its own width, then scaled)."""
+
 _STATIC_PROBLEM: str | None = None  # why static export failed once (then it is not retried)
 
 
@@ -1054,6 +1932,14 @@ def static_export_available() -> bool:
     return True
 
 
+def _export_size(fig: go.Figure) -> dict[str, float]:
+    """write_image options: the figure's own size (default 1100 x its height or 600) scaled so
+    the image is `PNG_WIDTH` pixels wide."""
+    width = fig.layout.width or 1100
+    height = fig.layout.height or 600
+    return {"width": width, "height": height, "scale": PNG_WIDTH / width}
+
+
 def save_figure(
     fig: go.Figure,
     path_stem: str | Path,
@@ -1062,25 +1948,35 @@ def save_figure(
     plotlyjs: bool | str = True,
 ) -> list[Path]:
     """Write ``fig`` as ``<path_stem>.<format>`` for each of ``formats`` (``html``, ``png``,
-    ``svg``, ``pdf``) and return the paths written. HTML works offline: plotly.js is embedded
-    (``plotlyjs=True``) or, with ``plotlyjs="directory"``, written once as ``plotly.min.js``
-    beside the HTML files (much smaller when many figures share a folder). Static formats need
-    kaleido (``pip install kaleido``) and a Chromium; if export fails, a warning says so once
-    per process and only the HTML is kept."""
+    ``svg``, ``pdf``) and return the paths written. HTML (`figure_html`) works offline:
+    plotly.js is embedded (``plotlyjs=True``) or, with ``plotlyjs="directory"``, written once
+    as ``plotly.min.js`` beside the HTML files. PNGs are `PNG_WIDTH` (1500) pixels wide. Static
+    formats need kaleido (``pip install kaleido``) and a Chromium; if export fails, a warning
+    says so once per process and only the HTML is kept."""
     global _STATIC_PROBLEM
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+
+    def write_html(path: Path) -> None:
+        if plotlyjs == "directory":
+            from plotly.offline import get_plotlyjs
+
+            script = path.parent / "plotly.min.js"
+            if not script.exists():
+                script.write_text(get_plotlyjs(), encoding="utf-8")
+        path.write_text(figure_html(fig, include_plotlyjs=plotlyjs), encoding="utf-8")
+
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
         if fmt == "html":
-            fig.write_html(path, include_plotlyjs=plotlyjs, full_html=True)
+            write_html(path)
             written.append(path)
             continue
         if _STATIC_PROBLEM is not None:
             continue
         try:
-            fig.write_image(path)
+            fig.write_image(path, **_export_size(fig))
             written.append(path)
         except _static_export_errors() as error:
             _STATIC_PROBLEM = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -1093,6 +1989,43 @@ def save_figure(
             logger.warning(message)
     if not written:  # every static format failed and no HTML was asked for: keep the HTML
         html = stem.with_name(f"{stem.name}.html")
-        fig.write_html(html, include_plotlyjs=plotlyjs, full_html=True)
+        write_html(html)
         written.append(html)
     return written
+
+
+def _narrow_typed_array(value: dict[str, Any]) -> dict[str, Any]:
+    """A plotly typed array (base64 ``bdata``) of float64 as float32, of int64 as int32 (when
+    the values fit): half the bytes, and float32's 7 digits are more than a figure shows."""
+    source = np.frombuffer(base64.b64decode(value["bdata"]), dtype="<" + value["dtype"])
+    if value["dtype"] == "f8":
+        narrow = source.astype("<f4")
+    elif source.size and (source.min() < -(2**31) or source.max() >= 2**31):
+        return value
+    else:
+        narrow = source.astype("<i4")
+    kind = "f4" if value["dtype"] == "f8" else "i4"
+    return {**value, "dtype": kind, "bdata": base64.b64encode(narrow.tobytes()).decode("ascii")}
+
+
+def figure_json(fig: go.Figure, *, digits: int = 4, template: bool = False) -> str:
+    """Compact JSON of a figure for embedding (the report): floats rounded to ``digits``
+    significant digits, no template unless ``template`` (the page applies one to all)."""
+    data = json.loads(fig.to_json())
+    if not template:
+        data.get("layout", {}).pop("template", None)
+    return json.dumps(_round(data, digits), separators=(",", ":"), allow_nan=False)
+
+
+def _round(value: Any, digits: int) -> Any:
+    if isinstance(value, dict) and "bdata" in value and value.get("dtype") in ("f8", "i8"):
+        return _narrow_typed_array(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [_round(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _round(v, digits) for k, v in value.items()}
+    return value

@@ -78,15 +78,16 @@ class Scores:
         ``nodes`` (name -> ``{"in_graph", "score"}``), ``edges`` (name -> ``{"score",
         "in_graph"}``, every edge in: the full model) and circuitdyn's ``meta``. `d_model`
         defaults to ``meta["d_model"]`` (0, "not recorded", when absent)."""
-        interop.write_json(path, self.graph, scores=self.edges, **self._extras(d_model))
+        interop.write_json(path, self._file(d_model))
 
     def to_pt(self, path: str | Path, *, d_model: int | None = None) -> None:
         """Write the scores in EAP-IG's ``.pt`` layout (``src_nodes``, ``dst_nodes``,
         ``edges_scores``, ``edges_in_graph``, ``nodes_in_graph``, ``nodes_scores``)."""
-        interop.write_pt(path, self.graph, scores=self.edges, **self._extras(d_model))
+        interop.write_pt(path, self._file(d_model))
 
-    def _extras(self, d_model: int | None) -> dict[str, Any]:
-        return {"d_model": self.d_model if d_model is None else d_model, "meta": self.meta}
+    def _file(self, d_model: int | None) -> interop.EapGraph:
+        d_model = self.d_model if d_model is None else d_model
+        return interop.EapGraph(self.graph, self.edges, None, d_model, self.meta)
 
     @classmethod
     def from_json(cls, path: str | Path, *, graph: Graph | None = None) -> Scores:

@@ -72,25 +72,12 @@ def _random_matched(
 
 
 STRATEGIES: Registry[TuningStrategy] = Registry("tuning strategy")
-STRATEGIES.add(
-    "circuit",
-    TuningStrategy(research=True, first=_selected),
-    help="circuit-tuning: tune the circuit, re-searched every K steps",
-)
-STRATEGIES.add(
-    "fixed",
-    TuningStrategy(research=False, first=_selected),
-    help="tune the step-0 circuit throughout",
-)
-STRATEGIES.add(
-    "random",
-    TuningStrategy(research=False, first=_random_matched),
-    help="tune random heads/MLPs with as many parameters as the step-0 circuit",
-)
-STRATEGIES.add(
-    "full",
-    TuningStrategy(research=False, first=_everything),
-    help="full fine-tuning (the circuit is attributed for the record only)",
-)
+for _name, _research, _first, _help in (
+    ("circuit", True, _selected, "circuit-tuning: the circuit, re-searched every K steps"),
+    ("fixed", False, _selected, "the step-0 circuit throughout"),
+    ("random", False, _random_matched, "random heads/MLPs, as many parameters as the circuit"),
+    ("full", False, _everything, "full fine-tuning (the circuit is attributed for the record)"),
+):
+    STRATEGIES.add(_name, TuningStrategy(_research, _first), help=_help)
 
 __all__ = ["STRATEGIES", "TuningStrategy", "random_circuit"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitdyn.tasks import TASK_NAMES, AgreementTask, SvJsonlTask, Task, load_task
+from circuitdyn.tasks import TASKS, AgreementTask, SvJsonlTask, Task, load_task
 from circuitdyn.tasks.agreement import NOUNS, generate_splits
 from circuitdyn.tasks.base import Batch, lm_loss, logit_diff
 from circuitdyn.tasks.sv_jsonl import read_sv_jsonl, sv_records, write_sv_jsonl
@@ -33,7 +33,10 @@ def _all(task: Task, split: str) -> Batch:
 
 
 def test_tasks_implement_the_protocol(tokenizer, agreement: AgreementTask) -> None:
-    assert TASK_NAMES == ("agreement", "disagreement", "general", "sv-jsonl")
+    assert TASKS.names() == ["agreement", "disagreement", "general", "sv-jsonl"]
+    assert TASKS["sv-jsonl"].default_ablation == "mean"  # as the paper
+    with pytest.raises(ValueError, match="unknown task 'magic': choose one of agreement"):
+        load_task("magic", tokenizer)
     assert isinstance(agreement, Task) and agreement.name == "agreement"
     for name in ("disagreement", "general"):
         task = load_task(name, tokenizer, seed=5, **SIZES)
@@ -209,7 +212,7 @@ def test_sv_jsonl_round_trip_and_modes(tmp_path: Path, tokenizer) -> None:
         assert bool((verbs == batch.target)[batch.read_mask].all())
     # The agreement-language tasks and sv-jsonl agree on tokens and targets of a sentence.
     row = disagree.rows("train")[0]
-    assert [tokenizer.bos_token_id, *row.clean_ids] == tokenizer(row.clean_text)["input_ids"]
+    assert [tokenizer.bos_token_id, *row.clean.ids] == tokenizer(row.clean_text)["input_ids"]
     # Without BOS, positions are the file's own (read at verb_pos - 1).
     no_bos = _all(load_task("sv-jsonl", tokenizer, prepend_bos=False, **files), "train")
     assert torch.equal(no_bos.read_pos[no_bos.read_mask] + 1, d.read_pos[d.read_mask])
@@ -226,28 +229,62 @@ def test_sv_jsonl_single_file_is_hash_split(tmp_path: Path, tokenizer) -> None:
     assert not texts["train"] & texts["test"] and not texts["dev"] & texts["test"]
 
 
-def test_sv_jsonl_reports_bad_rows_with_line_numbers(tmp_path: Path, tokenizer) -> None:
-    good = sv_records(generate_splits({"train": 8}, seed=2)["train"], tokenizer)
+def test_sv_jsonl_keeps_rows_for_what_the_run_needs(tmp_path: Path, tokenizer) -> None:
+    good = sv_records(generate_splits({"train": 40}, seed=2)["train"], tokenizer)
     rows = [json.dumps(r) for r in good]
-    wrong_id = dict(good[1], clean_verb_ids=[good[1]["clean_verb_ids"][0] + 1])
+    wrong_id = dict(good[1], clean_verb_ids=[tokenizer.bos_token_id])
     out_of_range = dict(good[2], clean_verb_pos=[99], corr_verb_pos=[99])
     missing = {k: v for k, v in good[3].items() if k != "corr_verbs"}
-    longer = dict(good[4], corr_text=good[4]["corr_text"] + " red")
-    rows[1], rows[2], rows[3], rows[4] = map(json.dumps, (wrong_id, out_of_range, missing, longer))
+    longer = dict(good[4], corr_text=good[4]["corr_text"] + " red")  # the twin does not align
+    unchanged = dict(good[6], corr_verb_ids=good[6]["clean_verb_ids"])
+    rows[1], rows[2], rows[3], rows[4], rows[6] = map(
+        json.dumps, (wrong_id, out_of_range, missing, longer, unchanged)
+    )
     rows[5] = "{not json"
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(rows) + "\n")
-    with pytest.raises(ValueError) as error:
-        read_sv_jsonl(path, tokenizer)
-    message = str(error.value)
-    for line in (2, 3, 4, 5, 6):
-        assert f"line {line}:" in message
-    for line in (1, 7, 8):
-        assert f"line {line}:" not in message
-    assert "5 bad row(s) of 8" in message
-    with pytest.warns(UserWarning, match="line 2:"):
-        kept = read_sv_jsonl(path, tokenizer, strict=False)
-    assert [r.line for r in kept] == [1, 7, 8]
+    parsed, broken = read_sv_jsonl(path, tokenizer)
+    assert broken == {
+        "verb id is not the token at its position": [2],
+        "verb position out of range": [3],
+        "missing fields": [4],
+        "bad JSON": [6],
+        "verb not changed": [7],
+    }
+    assert [r.line for r in parsed] == [1, 5, *range(8, 41)]
+    assert parsed[1].twin_problem == "texts tokenize to different lengths"
+
+    # Corrupted ablation needs aligned twins: line 5 is skipped; mean / zero ablation use it.
+    with pytest.warns(UserWarning, match=r"34 of 40 rows used; skipped .*twin does not align"):
+        twins = SvJsonlTask(tokenizer, path=path, twins=True, max_bad_fraction=0.2)
+    with pytest.warns(UserWarning, match="35 of 40 rows used"):
+        single = SvJsonlTask(tokenizer, path=path, twins=False, max_bad_fraction=0.2)
+    assert twins.report.skipped["bad JSON"] == [6]
+    lines = {r.line for s in ("train", "dev", "test") for r in single.rows(s)}
+    assert 5 in lines and 5 not in {r.line for s in ("train", "dev", "test") for r in twins.rows(s)}
+    assert single.encoded("train").corrupted is None
+    # Refused: above the threshold (with the summary), and on the first bad row when strict.
+    with pytest.raises(ValueError, match=r"34 of 40 rows used.*more than max_bad_fraction=0.1"):
+        SvJsonlTask(tokenizer, path=path)
+    with pytest.raises(ValueError, match="line 2: verb id is not the token"):
+        SvJsonlTask(tokenizer, path=path, strict=True)
+
+
+def test_identical_prefix_fraction(tmp_path: Path, tokenizer) -> None:
+    records = sv_records(generate_splits({"train": 60}, seed=3)["train"], tokenizer)
+    path = write_sv_jsonl(tmp_path / "sv.jsonl", records)
+    task = SvJsonlTask(tokenizer, path=path, mode="agreement")
+    encoded = task.encoded("train")
+    # Independently: a read position is blind when no token up to it differs.
+    blind = total = 0
+    for clean, corrupted, reads in zip(
+        encoded.clean.tolist(), encoded.corrupted.tolist(), encoded.read_pos.tolist(), strict=True
+    ):
+        for r in (r for r in reads if r >= 0):
+            total += 1
+            blind += clean[: r + 1] == corrupted[: r + 1]
+    assert task.identical_prefix_fraction("train") == pytest.approx(blind / total)
+    assert 0 < blind < total  # the first verb is blind, later ones are not
 
 
 def test_sv_records_with_a_gpt2_style_byte_level_tokenizer(tmp_path: Path) -> None:
@@ -276,4 +313,6 @@ def test_sv_records_with_a_gpt2_style_byte_level_tokenizer(tmp_path: Path) -> No
         for pos, verb in zip(record["clean_verb_pos"], record["clean_verbs"], strict=True):
             assert tokens[pos] == "Ġ" + verb  # positions index the text's own tokens, no BOS
     path = write_sv_jsonl(tmp_path / "bpe.jsonl", records)
-    assert len(read_sv_jsonl(path, bpe)) == len(records)
+    parsed, broken = read_sv_jsonl(path, bpe)
+    assert len(parsed) == len(records) and not broken
+    assert all(row.twin_problem is None for row in parsed)

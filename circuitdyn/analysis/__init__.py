@@ -9,6 +9,9 @@
   evaluations, curves per strategy, intrinsic dimension).
 * `heads`: attention to the subject and direct logit attribution of every head at checkpoints
   (needs the model).
+* `timeline`: the step convention, key steps (metric zero crossing, accuracy levels), per-step
+  normalised scores, the edge membership raster, entry / exit counts, ratio masks.
+* `seeds`: runs that differ only in their seed, as mean and spread.
 * `weights`: relative weight change per head and MLP at checkpoints (needs the initial model).
 
 Analyses never touch a live trainer, and read a store through its typed views (``store.graph``,
@@ -58,6 +61,27 @@ from circuitdyn.analysis.runs import (
     run_progress,
     tuning_config,
 )
+from circuitdyn.analysis.seeds import (
+    group_stores,
+    over_seeds,
+    run_group,
+    seed_group,
+    tables_over_seeds,
+)
+from circuitdyn.analysis.timeline import (
+    STEP_AXIS,
+    STEP_CONVENTION,
+    churn_counts,
+    column_shares,
+    edge_membership,
+    key_steps,
+    marked_steps,
+    mask_near_zero,
+    run_key_steps,
+    score_shares,
+    step_descriptions,
+    step_score_totals,
+)
 from circuitdyn.analysis.trajectories import (
     changing_edges,
     edge_trajectories,
@@ -77,6 +101,8 @@ from circuitdyn.analysis.weights import (
 )
 
 __all__ = [
+    "STEP_AXIS",
+    "STEP_CONVENTION",
     "CircuitSets",
     "IntrinsicDimension",
     "RunProgress",
@@ -85,27 +111,34 @@ __all__ = [
     "changing_edges",
     "checkpoint_parameters",
     "churn",
+    "churn_counts",
     "circuit_evolution",
     "circuit_from_checkpoint",
     "circuit_sizes",
     "circuit_tables",
+    "column_shares",
     "compare_circuits",
     "compare_steps",
     "config_fields",
     "edge_info",
+    "edge_membership",
     "edge_presence",
     "edge_trajectories",
     "edge_trends",
     "evals_by_step",
     "final_evals",
     "final_weight_changes",
+    "group_stores",
     "head_role_changes",
     "head_roles",
     "head_roles_of_model",
     "intrinsic_dimension",
     "jaccard",
+    "key_steps",
     "layer_composition",
     "linear_trend",
+    "marked_steps",
+    "mask_near_zero",
     "membership_flows",
     "model_at",
     "node_events",
@@ -113,16 +146,24 @@ __all__ = [
     "node_membership",
     "node_presence",
     "node_score_matrix",
+    "over_seeds",
     "phase_membership",
     "phase_steps",
     "rank_changes",
+    "run_group",
+    "run_key_steps",
     "run_label",
     "run_labels",
     "run_progress",
+    "score_shares",
+    "seed_group",
     "spread",
     "stable_core",
+    "step_descriptions",
+    "step_score_totals",
     "strategy_curves",
     "t_test_p_value",
+    "tables_over_seeds",
     "top_edges",
     "tuning_config",
     "weight_changes",

@@ -59,16 +59,8 @@ def _replicate(args: argparse.Namespace) -> int:
         raise CliError("--workers must be >= 1")
     check_writable(args.out)
     args.resume_hint = "run the same command again to continue where it stopped"
-    result = replicate(
-        args.out,
-        quick=args.quick,
-        seeds=args.seeds,
-        model=args.model,
-        data=args.data,
-        workers=args.workers,
-        png=args.png,
-        figures=args.figures,
-    )
+    options = ("quick", "seeds", "model", "data", "workers", "png", "figures")
+    result = replicate(args.out, **{name: getattr(args, name) for name in options})
     print((args.out / "summary.md").read_text())
     print(f"done in {result['wall_time_s']:.0f} s; report: {result['report']}")
     return 0
@@ -83,14 +75,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     argv = ["circuitdyn", "pretrain", "--out", str(args.out), "--seed", str(args.seed)]
     argv += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     command += shlex.join([*argv, "--lr", str(args.lr), "--n-eval", str(args.n_eval)])
-    pretrain(
-        args.out,
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        n_eval=args.n_eval,
-        device=args.device,
-        command=command,
-    )
+    options = ("seed", "steps", "batch_size", "lr", "n_eval", "device")
+    pretrain(args.out, command=command, **{name: getattr(args, name) for name in options})
     return 0

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
 
-from circuitdyn.activations import ABLATIONS
+from circuitdyn.activations import ABLATIONS, mean_activations
 from circuitdyn.attribution import METHODS, attribute
 from circuitdyn.cli.common import (
     CliError,
@@ -25,7 +27,7 @@ from circuitdyn.evaluate import MIB_GRID, cmd, cpr, faithfulness_curve
 from circuitdyn.graph import Graph
 from circuitdyn.scores import Scores
 from circuitdyn.selection import SELECTIONS
-from circuitdyn.tasks import Batch, Task
+from circuitdyn.tasks import Task
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,11 +95,12 @@ def _ablation_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _reference(args: argparse.Namespace, task: Task) -> list[Batch] | None:
+def _means(args: argparse.Namespace, model: HookedTransformer, task: Task) -> Tensor | None:
     """Mean ablation averages over the train split, never over the scored examples."""
     if not ABLATIONS[ablation_of(args)].needs_means:
         return None
-    return examples(task, "train", args.n_examples, args.batch_size, args.seed)
+    reference = examples(task, "train", args.n_examples, args.batch_size, args.seed)
+    return mean_activations(model, Graph.from_model(model), reference)
 
 
 def _read_scores(path: Path) -> Scores:
@@ -122,7 +125,7 @@ def _attribute(args: argparse.Namespace) -> int:
         method=args.method,
         ablation=ablation_of(args),
         steps=args.steps,
-        reference=_reference(args, task),
+        means=_means(args, model, task),
         progress=True,
     )
     scores.meta.update(model=args.model, task=args.task, split=args.split, seed=args.seed)
@@ -157,7 +160,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         selection=args.selection,
         absolute=not args.signed,
         prune=not args.no_prune,
-        reference=_reference(args, task),
+        means=_means(args, model, task),
     )
     area, distance = cpr(curve), cmd(curve)
     attrs = curve.attrs

@@ -58,6 +58,24 @@ class Batch:
         }
         return replace(self, **moved)
 
+    def trimmed(self) -> Batch:
+        """The same examples without the padding columns and read slots none of them uses."""
+        length = int(self.attention_mask.sum(dim=1).max())
+        k = int((self.read_pos >= 0).sum(dim=1).max())
+
+        def cut(tensor: Tensor | None, width: int) -> Tensor | None:
+            return None if tensor is None else tensor[:, :width]
+
+        return Batch(
+            clean=self.clean[:, :length],
+            attention_mask=self.attention_mask[:, :length],
+            read_pos=self.read_pos[:, :k],
+            target=self.target[:, :k],
+            foil=self.foil[:, :k],
+            corrupted=cut(self.corrupted, length),
+            lm_weight=cut(self.lm_weight, length),
+        )
+
     def select(self, index: Int[Tensor, " n"] | slice) -> Batch:
         """A sub-batch of the examples at `index` (a slice or index tensor)."""
         picked = {

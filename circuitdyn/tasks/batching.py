@@ -12,44 +12,28 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuitdyn.tasks.base import Batch, lm_loss, logit_diff
+from circuitdyn.tasks.base import Batch, lm_loss, logit_diff, validate_batch
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 
 @dataclass(frozen=True)
-class EncodedSplit:
-    """All examples of one split as right-padded tensors (see `Batch` for the fields)."""
+class EncodedSplit(Batch):
+    """All examples of one split as one right-padded `Batch`; unlike a batch it may be empty."""
 
-    clean: Int[Tensor, "n pos"]
-    attention_mask: Bool[Tensor, "n pos"]
-    read_pos: Int[Tensor, "n k"]
-    target: Int[Tensor, "n k"]
-    foil: Int[Tensor, "n k"]
-    corrupted: Int[Tensor, "n pos"] | None = None
-    lm_weight: Float[Tensor, "n pos"] | None = None
+    def __post_init__(self) -> None:
+        if self.clean.shape[0] > 0:
+            validate_batch(self)
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
 
     def batch(self, index: Int[Tensor, " b"]) -> Batch:
         """The examples at `index` as a `Batch`, trimmed to their longest sequence and read count."""
-        mask = self.attention_mask[index]
-        length = int(mask.sum(dim=1).max())
-        read_pos = self.read_pos[index]
-        k = int((read_pos >= 0).sum(dim=1).max())
-        return Batch(
-            clean=self.clean[index, :length],
-            attention_mask=mask[:, :length],
-            read_pos=read_pos[:, :k],
-            target=self.target[index, :k],
-            foil=self.foil[index, :k],
-            corrupted=None if self.corrupted is None else self.corrupted[index, :length],
-            lm_weight=None if self.lm_weight is None else self.lm_weight[index, :length],
-        )
+        return self.select(index).trimmed()
 
 
 def pad_sequences(rows: Sequence[Sequence[int]], pad: int) -> Int[Tensor, "n pos"]:
