@@ -912,6 +912,8 @@ def circuit_explorer(
         },
         "nodes": names,
         "kinds": positions["kind"].tolist(),
+        "nx": positions["x"].astype(float).round(3).tolist(),
+        "ny": positions["y"].astype(float).round(3).tolist(),
         "kindColours": KIND_COLOURS,
         "outColour": OUT_OF_CIRCUIT,
         "edges": catalogue["edge"].tolist(),

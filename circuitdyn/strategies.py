@@ -16,32 +16,48 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from circuitdyn.circuit import Circuit
 from circuitdyn.graph import Graph
 from circuitdyn.ownership import ParameterPolicy, count_tunable
 from circuitdyn.registry import Registry
+from circuitdyn.tasks.base import Batch
 
 Policy = ParameterPolicy | str | None  # an object or a `POLICIES` name
-FirstCircuit = Callable[[HookedTransformer, Circuit, Policy, int], Circuit | None]
+
+
+@dataclass(frozen=True)
+class StrategyInput:
+    """What a strategy may look at when it picks the circuit an update tunes: the model (with
+    this step's parameters), the circuit selected from this step's scores, the parameter
+    policy, a seed (the run's seed plus the step), this step's first training micro-batch and
+    the task's training loss (e.g. for gradient-based selection)."""
+
+    model: HookedTransformer
+    selected: Circuit
+    policy: Policy
+    seed: int
+    batch: Batch
+    loss: Callable[[Tensor, Batch], Tensor]
 
 
 @dataclass(frozen=True)
 class TuningStrategy:
-    """`research`: the tuned circuit is the latest selection, re-searched every K steps.
-    `first(model, selected, policy, seed)`: otherwise, the circuit tuned from step 0 on, built
-    from the step-0 selection; None means every parameter (full fine-tuning)."""
+    """`choose(input) -> Circuit | None` picks the circuit the updates tune (None: every
+    parameter). With `research` it is called at every selection (every K steps) and its circuit
+    is tuned until the next; otherwise once, at step 0, and its circuit is tuned throughout."""
 
     research: bool
-    first: FirstCircuit
+    choose: Callable[[StrategyInput], Circuit | None]
 
 
-def _selected(model: HookedTransformer, selected: Circuit, policy: Policy, seed: int) -> Circuit:
-    return selected
+def _selected(given: StrategyInput) -> Circuit:
+    return given.selected
 
 
-def _everything(model: HookedTransformer, selected: Circuit, policy: Policy, seed: int) -> None:
+def _everything(given: StrategyInput) -> None:
     return None
 
 
@@ -64,11 +80,9 @@ def random_circuit(
     return Circuit.from_nodes(graph, chosen)
 
 
-def _random_matched(
-    model: HookedTransformer, selected: Circuit, policy: Policy, seed: int
-) -> Circuit:
-    target = count_tunable(model, selected, policy)
-    return random_circuit(model, selected.graph, target, policy, seed)
+def _random_matched(given: StrategyInput) -> Circuit:
+    target = count_tunable(given.model, given.selected, given.policy)
+    return random_circuit(given.model, given.selected.graph, target, given.policy, given.seed)
 
 
 STRATEGIES: Registry[TuningStrategy] = Registry("tuning strategy")
@@ -80,4 +94,4 @@ for _name, _research, _first, _help in (
 ):
     STRATEGIES.add(_name, TuningStrategy(_research, _first), help=_help)
 
-__all__ = ["STRATEGIES", "TuningStrategy", "random_circuit"]
+__all__ = ["STRATEGIES", "StrategyInput", "TuningStrategy", "random_circuit"]

@@ -57,7 +57,7 @@ from circuitdyn.ownership import parameter_masks
 from circuitdyn.scores import Scores
 from circuitdyn.selection import SELECTIONS, select
 from circuitdyn.store import RunStore, flatten_state, strip_prefix, unflatten_state
-from circuitdyn.strategies import STRATEGIES
+from circuitdyn.strategies import STRATEGIES, StrategyInput
 from circuitdyn.tasks import general_task, load_task
 from circuitdyn.tasks.base import Batch, Task, accuracy, read_positions, take_examples
 
@@ -188,7 +188,7 @@ class _Run:
             scores = Scores(graph, summed / n_examples, meta)
         time_forward = time.perf_counter() - started
 
-        tuned = self._choose_circuit(step, scores)
+        tuned = self._choose_circuit(step, scores, micro[0])
         masks = None
         if tuned is not None:
             masks = parameter_masks(model, tuned, c.policy, include_frozen=False)
@@ -227,17 +227,18 @@ class _Run:
         )
         return metrics
 
-    def _choose_circuit(self, step: int, scores: Scores | None) -> Circuit | None:
+    def _choose_circuit(self, step: int, scores: Scores | None, batch: Batch) -> Circuit | None:
         """The circuit update `step` tunes (None: every parameter), after selecting a new one
         from `scores` when the step attributed."""
         c = self.config
         if scores is not None:
             selection = select(scores, c.n_at(step), c.selection, absolute=c.absolute)
             self.record, self.n_selected = selection.circuit, selection.n
-            if self.strategy.research:
-                self.tuned = selection.circuit
-            elif not self.started:
-                self.tuned = self.strategy.first(self.model, selection.circuit, c.policy, c.seed)
+            if self.strategy.research or not self.started:
+                given = StrategyInput(
+                    self.model, selection.circuit, c.policy, c.seed + step, batch, self.task.loss
+                )
+                self.tuned = self.strategy.choose(given)
             self.started = True
         if not self.started:
             raise RuntimeError("no circuit yet: the first step must attribute")

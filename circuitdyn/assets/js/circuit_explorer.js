@@ -64,14 +64,14 @@
     });
 
     function nearestNode(event) {
-      var full = gd._fullLayout, trace = gd.data[S.nodes];
-      if (!event || !full || !full.xaxis || !trace) return -1;
+      var full = gd._fullLayout;
+      if (!event || !full || !full.xaxis || !full.yaxis) return -1;
       var box = gd.getBoundingClientRect();
       var px = event.clientX - box.left - full.xaxis._offset;
       var py = event.clientY - box.top - full.yaxis._offset;
       var best = -1, bestDistance = 18;
-      for (var i = 0; i < trace.x.length; i++) {
-        var dx = full.xaxis.l2p(trace.x[i]) - px, dy = full.yaxis.l2p(trace.y[i]) - py;
+      for (var i = 0; i < spec.nx.length; i++) {
+        var dx = full.xaxis.l2p(spec.nx[i]) - px, dy = full.yaxis.l2p(spec.ny[i]) - py;
         var d = Math.sqrt(dx * dx + dy * dy);
         if (d < bestDistance) { best = i; bestDistance = d; }
       }
