@@ -105,9 +105,24 @@ def source_hooks(
         W_O = model.blocks[layer].attn.W_O
         to_heads = lambda z, W_O=W_O: head_outputs(z, W_O)  # noqa: E731
         hooks.append((f"blocks.{layer}.attn.hook_z", writer(graph.head_src(layer), to_heads)))
-        if graph.has_mlp:
-            hooks.append((f"blocks.{layer}.hook_mlp_out", writer(graph.mlp_src(layer))))
+        if graph.mlp_blocks > 1:
+            W_out = model.blocks[layer].mlp.W_out
+            to_blocks = lambda post, W=W_out: block_outputs(post, W, graph.mlp_blocks)  # noqa: E731
+            hooks.append((f"blocks.{layer}.mlp.hook_post", writer(graph.mlp_src(layer), to_blocks)))
+        elif graph.has_mlp:  # the whole MLP, b_out included
+            to_one = lambda out: out[None]  # noqa: E731
+            hooks.append((f"blocks.{layer}.hook_mlp_out", writer(graph.mlp_src(layer), to_one)))
     return hooks
+
+
+def block_outputs(
+    post: Float[Tensor, "batch pos d_mlp"], W_out: Float[Tensor, "d_mlp d_model"], n_blocks: int
+) -> Float[Tensor, "n_blocks batch pos d_model"]:
+    """Each MLP neuron block's contribution to the residual stream (without ``b_out``)."""
+    blocks = post.reshape(*post.shape[:-1], n_blocks, -1)
+    return einops.einsum(
+        blocks, W_out.reshape(n_blocks, -1, W_out.shape[-1]), "b p n k, n k m -> n b p m"
+    )
 
 
 def difference_writer(

@@ -126,7 +126,31 @@ def gradient_hooks(
 
             hooks.append((f"blocks.{layer}.attn.hook_{name}", register))
 
-        if graph.has_mlp:
+        if graph.mlp_blocks > 1:
+            key = f"ln2.{layer}"
+            hooks.append((f"blocks.{layer}.ln2.hook_scale", record(key, "scale")))
+            hooks.append((f"blocks.{layer}.ln2.hook_normalized", record(key, "normalized")))
+
+            def on_pre_grad(grad: Tensor, layer: int, block=block, key=key) -> None:
+                if not active():
+                    return
+                n_blocks = graph.mlp_blocks
+                W = block.mlp.W_in.to(delta.dtype)  # [d_model, d_mlp]
+                if hasattr(block.ln2, "w"):  # fold the norm's weight into the projection
+                    W = W * block.ln2.w.to(delta.dtype)[:, None]
+                W = W.reshape(d_model, n_blocks, -1).permute(1, 2, 0)  # [block, k, d_model]
+                g = grad.to(delta.dtype).reshape(tokens, n_blocks, -1).transpose(0, 1)
+                grad_normed = torch.bmm(g, W)  # [block, tokens, d_model]
+                stacked = input_grad(key, block.ln2, grad_normed).reshape(n_blocks, -1)
+                n = graph.n_upstream_mlp(layer)
+                scores[:n, graph.mlp_dst(layer)] += weight * (flat_delta[:n] @ stacked.T)
+
+            def register_pre(act: Tensor, hook, layer=layer, fn=on_pre_grad) -> None:
+                if act.requires_grad:
+                    act.register_hook(lambda g: fn(g, layer))
+
+            hooks.append((f"blocks.{layer}.mlp.hook_pre", register_pre))
+        elif graph.has_mlp:
             key = f"ln2.{layer}"
             hooks.append((f"blocks.{layer}.ln2.hook_scale", record(key, "scale")))
             hooks.append(
@@ -136,7 +160,7 @@ def gradient_hooks(
                         record(key, "normalized"),
                         lambda g, key=key, norm=block.ln2: input_grad(key, norm, g),
                         graph.n_upstream_mlp(layer),
-                        graph.mlp_dst(layer),
+                        graph.mlp_dst(layer).start,
                         flat_delta,
                         scores,
                         weight,

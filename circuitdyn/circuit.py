@@ -267,9 +267,8 @@ class Circuit:
             reached[graph.head_src(layer)] = hits.reshape(len(QKV), graph.n_heads).any(dim=0)
             if graph.has_mlp:
                 up = graph.n_upstream_mlp(layer)
-                reached[graph.mlp_src(layer)] = (
-                    mask[:up, graph.mlp_dst(layer)] & reached[:up]
-                ).any()
+                hits = mask[:up, graph.mlp_dst(layer)] & reached[:up, None]
+                reached[graph.mlp_src(layer)] = hits.any(dim=0)
         # Backward: reaches[node] = some circuit edge leads from it to a node that reaches logits.
         reaches = torch.zeros(len(graph.node_names), dtype=torch.bool)
         reaches[-1] = True
@@ -277,7 +276,7 @@ class Circuit:
         for layer in reversed(range(graph.n_layers)):
             if graph.has_mlp:
                 src = graph.mlp_src(layer)
-                reaches[src] = (mask[src] & reaches[dst_node]).any()
+                reaches[src] = (mask[src] & reaches[dst_node][None, :]).any(dim=1)
             heads = graph.head_src(layer)
             reaches[heads] = (mask[heads] & reaches[dst_node][None, :]).any(dim=1)
         reaches[0] = (mask[0] & reaches[dst_node]).any()
@@ -331,12 +330,12 @@ class Circuit:
         if graph.has_mlp:
             mlp = torch.stack(
                 [
-                    mask[graph.mlp_src(layer)].any() | has_in[graph.mlp_dst(layer)]
+                    mask[graph.mlp_src(layer)].any(dim=1) | has_in[graph.mlp_dst(layer)]
                     for layer in range(L)
                 ]
             )
         else:
-            mlp = torch.zeros(L, dtype=torch.bool)
+            mlp = torch.zeros(L, 1, dtype=torch.bool)
         return Components(
             q=qkv[:, 0],
             k=qkv[:, 1],
@@ -435,14 +434,15 @@ class Circuit:
 @dataclass(frozen=True)
 class Components:
     """What a circuit touches, per layer and head. ``q[L, h]``: an edge into ``aL.hh<q>`` is in
-    the circuit (same for k, v); ``o[L, h]``: an edge out of ``aL.hh`` is; ``mlp[L]``: ``mL`` is a
-    node of the circuit; ``input`` / ``logits``: those nodes have a circuit edge."""
+    the circuit (same for k, v); ``o[L, h]``: an edge out of ``aL.hh`` is; ``mlp[L, b]``: MLP
+    node ``mL`` (block b of it, with neuron blocks) is a node of the circuit; ``input`` /
+    ``logits``: those nodes have a circuit edge."""
 
     q: Bool[Tensor, "n_layers n_heads"]
     k: Bool[Tensor, "n_layers n_heads"]
     v: Bool[Tensor, "n_layers n_heads"]
     o: Bool[Tensor, "n_layers n_heads"]
-    mlp: Bool[Tensor, " n_layers"]
+    mlp: Bool[Tensor, "n_layers n_blocks"]
     input: bool
     logits: bool
 

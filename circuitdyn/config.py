@@ -49,6 +49,7 @@ class TuningConfig:
     absolute: bool = _option(True, "rank by |score| (else by the signed score)")
     research_every: int = _option(1, "K: re-search the circuit every K steps (strategy circuit)")
     record_every: int = _option(1, "attribute every this many steps for the other strategies")
+    mlp_blocks: int = _option(1, "MLP nodes per layer: each MLP split into this many neuron blocks")
     method: str = _option("eap", "attribution method", choices=METHODS)
     ablation: str | None = _option(
         None, "what an ablated edge carries (none: the task's default)", choices=ABLATIONS
@@ -95,7 +96,14 @@ class TuningConfig:
         if len(self.betas) != 2:
             raise ValueError(f"TuningConfig.betas needs two numbers, got {self.betas}")
         positive = ("top_n", "research_every", "record_every", "steps", "batch_size", "grad_accum")
-        for name in (*positive, "eval_every", "checkpoint_every", "n_eval", "ig_steps"):
+        for name in (
+            *positive,
+            "eval_every",
+            "checkpoint_every",
+            "n_eval",
+            "ig_steps",
+            "mlp_blocks",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TuningConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("top_n_final", "keep_checkpoints"):

@@ -1,7 +1,10 @@
 """The computational graph of a HookedTransformer, in the MIB / EAP-IG naming convention.
 
 Nodes are ``input`` (token + positional embedding, i.e. ``blocks.0.hook_resid_pre``), every
-attention head ``a{L}.h{H}``, every MLP ``m{L}`` and ``logits``. Because the residual stream is a
+attention head ``a{L}.h{H}``, every MLP ``m{L}`` and ``logits``. With ``mlp_blocks = B > 1`` each
+MLP is split into B nodes ``m{L}.b{BB}`` (block b, two or more digits) of ``d_mlp / B``
+contiguous neurons: block b reads the MLP's input through its own columns of ``W_in`` (and
+``b_in``) and writes through its own rows of ``W_out``; ``b_out`` belongs to no block. Because the residual stream is a
 sum, every node that writes to it (a *source*) reaches every later node that reads from it (a
 *destination*) along its own edge. A head reads three times (query, key and value input), so it
 is three destinations ``a{L}.h{H}<q>``, ``<k>``, ``<v>``; an MLP reads once (``m{L}``, after the
@@ -32,22 +35,23 @@ _POST_NORM_ARCHITECTURES = {"Olmo2ForCausalLM", "Olmo3ForCausalLM"}
 
 
 _HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
-_MLP = re.compile(r"^m(\d+)$")
+_MLP = re.compile(r"^m(\d+)(?:\.b(\d+))?$")
 
 
 @dataclass(frozen=True)
 class NodeInfo:
     """What a node name denotes: ``kind`` is ``"input"``, ``"head"``, ``"mlp"`` or ``"logits"``;
-    ``layer`` and ``head`` are None where they do not apply."""
+    ``layer``, ``head`` and ``block`` (an MLP's neuron block) are None where they do not apply."""
 
     name: str
     kind: str
     layer: int | None
     head: int | None
+    block: int | None = None
 
 
 def parse_node(name: str) -> NodeInfo:
-    """Parse a node name (``input``, ``a{L}.h{H}``, ``m{L}``, ``logits``; a destination suffix
+    """Parse a node name (``input``, ``a{L}.h{H}``, ``m{L}``, ``m{L}.b{B}``, ``logits``; a destination suffix
     ``<q>``/``<k>``/``<v>`` is dropped). The one parser of node names in circuitdyn; raises
     ValueError for anything else."""
     base = name.split("<", 1)[0]
@@ -58,8 +62,11 @@ def parse_node(name: str) -> NodeInfo:
         return NodeInfo(base, "head", int(match.group(1)), int(match.group(2)))
     match = _MLP.match(base)
     if match:
-        return NodeInfo(base, "mlp", int(match.group(1)), None)
-    raise ValueError(f"not a circuitdyn node name: {name!r} (expected input, aL.hH, mL, logits)")
+        block = None if match.group(2) is None else int(match.group(2))
+        return NodeInfo(base, "mlp", int(match.group(1)), None, block)
+    raise ValueError(
+        f"not a circuitdyn node name: {name!r} (expected input, aL.hH, mL, mL.bB, logits)"
+    )
 
 
 def split_edge(edge: str) -> tuple[str, str, str, str]:
@@ -124,6 +131,7 @@ class Graph:
     n_layers: int
     n_heads: int
     has_mlp: bool = True
+    mlp_blocks: int = 1  # MLP nodes per layer (neuron blocks); 1: one node per MLP
     src_names: tuple[str, ...] = field(init=False)
     dst_names: tuple[str, ...] = field(init=False)
 
@@ -132,31 +140,36 @@ class Graph:
             raise ValueError(
                 f"a graph needs >= 1 layer and head, got {self.n_layers}, {self.n_heads}"
             )
+        if self.mlp_blocks < 1 or (self.mlp_blocks > 1 and not self.has_mlp):
+            raise ValueError(f"mlp_blocks must be >= 1 (and 1 without MLPs), got {self.mlp_blocks}")
         src, dst = ["input"], []
         for layer in range(self.n_layers):
             src += [f"a{layer}.h{h}" for h in range(self.n_heads)]
             dst += [f"a{layer}.h{h}<{c}>" for c in QKV for h in range(self.n_heads)]
             if self.has_mlp:
-                src.append(f"m{layer}")
-                dst.append(f"m{layer}")
+                src += self.mlp_names(layer)
+                dst += self.mlp_names(layer)
         dst.append("logits")
         object.__setattr__(self, "src_names", tuple(src))
         object.__setattr__(self, "dst_names", tuple(dst))
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: HookedTransformer) -> Graph:
-        """The graph of `model`; raises `UnsupportedModelError` for architectures it cannot decompose."""
+    def from_model(cls, model: HookedTransformer, mlp_blocks: int = 1) -> Graph:
+        """The graph of `model`, each MLP split into `mlp_blocks` neuron blocks; raises
+        `UnsupportedModelError` for architectures it cannot decompose."""
         if not isinstance(model, HookedTransformer):
             raise UnsupportedModelError(
                 f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}"
             )
-        return cls.from_config(model.cfg)
+        return cls.from_config(model.cfg, mlp_blocks)
 
     @classmethod
-    def from_config(cls, cfg: HookedTransformerConfig) -> Graph:
+    def from_config(cls, cfg: HookedTransformerConfig, mlp_blocks: int = 1) -> Graph:
         check_supported(cfg)
-        return cls(n_layers=cfg.n_layers, n_heads=cfg.n_heads, has_mlp=not cfg.attn_only)
+        if mlp_blocks > 1:
+            _check_blocks(cfg, mlp_blocks)
+        return cls(cfg.n_layers, cfg.n_heads, has_mlp=not cfg.attn_only, mlp_blocks=mlp_blocks)
 
     @classmethod
     def from_names(cls, src_names: Sequence[str], dst_names: Sequence[str]) -> Graph:
@@ -167,10 +180,12 @@ class Graph:
         heads = [n.head for n in nodes if n.head is not None]
         if not layers or not heads:
             raise ValueError("these names hold no attention head: not a circuitdyn graph")
+        blocks = [n.block for n in nodes if n.block is not None]
         graph = cls(
             n_layers=max(layers) + 1,
             n_heads=max(heads) + 1,
             has_mlp=any(n.kind == "mlp" for n in nodes),
+            mlp_blocks=max(blocks) + 1 if blocks else 1,
         )
         if graph.src_names != tuple(src_names) or graph.dst_names != tuple(dst_names):
             raise ValueError(
@@ -188,31 +203,46 @@ class Graph:
         return len(self.dst_names)
 
     @property
+    def n_mlp_nodes(self) -> int:
+        """MLP nodes per layer: `mlp_blocks`, or 0 without MLPs."""
+        return self.mlp_blocks if self.has_mlp else 0
+
+    def mlp_names(self, layer: int) -> list[str]:
+        """The MLP node names of `layer`: ``m{L}``, or ``m{L}.b{BB}`` per neuron block."""
+        if self.mlp_blocks == 1:
+            return [f"m{layer}"]
+        width = max(2, len(str(self.mlp_blocks - 1)))
+        return [f"m{layer}.b{b:0{width}d}" for b in range(self.mlp_blocks)]
+
+    @property
     def _src_per_layer(self) -> int:
-        return self.n_heads + int(self.has_mlp)
+        return self.n_heads + self.n_mlp_nodes
 
     @property
     def _dst_per_layer(self) -> int:
-        return 3 * self.n_heads + int(self.has_mlp)
+        return 3 * self.n_heads + self.n_mlp_nodes
 
     def head_src(self, layer: int) -> slice:
         """Source indices of the heads of `layer`."""
         start = 1 + layer * self._src_per_layer
         return slice(start, start + self.n_heads)
 
-    def mlp_src(self, layer: int) -> int:
-        """Source index of MLP `layer`."""
+    def mlp_src(self, layer: int) -> slice:
+        """Source indices of the MLP node(s) of `layer` (one per neuron block)."""
         self._need_mlp()
-        return 1 + layer * self._src_per_layer + self.n_heads
+        start = 1 + layer * self._src_per_layer + self.n_heads
+        return slice(start, start + self.mlp_blocks)
 
     def qkv_dst(self, layer: int) -> slice:
         """Destination indices of layer `layer`'s head inputs, ordered [q heads, k heads, v heads]."""
         start = layer * self._dst_per_layer
         return slice(start, start + 3 * self.n_heads)
 
-    def mlp_dst(self, layer: int) -> int:
+    def mlp_dst(self, layer: int) -> slice:
+        """Destination indices of the MLP node(s) of `layer` (one per neuron block)."""
         self._need_mlp()
-        return layer * self._dst_per_layer + 3 * self.n_heads
+        start = layer * self._dst_per_layer + 3 * self.n_heads
+        return slice(start, start + self.mlp_blocks)
 
     @property
     def logits_dst(self) -> int:
@@ -329,9 +359,27 @@ class Graph:
             )
 
     def __repr__(self) -> str:
+        blocks = f", mlp_blocks={self.mlp_blocks}" if self.mlp_blocks > 1 else ""
         return (
-            f"Graph(n_layers={self.n_layers}, n_heads={self.n_heads}, has_mlp={self.has_mlp}, "
-            f"nodes={len(self.node_names)}, edges={self.n_edges})"
+            f"Graph(n_layers={self.n_layers}, n_heads={self.n_heads}, has_mlp={self.has_mlp}"
+            f"{blocks}, nodes={len(self.node_names)}, edges={self.n_edges})"
+        )
+
+
+def _check_blocks(cfg: HookedTransformerConfig, mlp_blocks: int) -> None:
+    """MLP neuron blocks need an ungated MLP whose width the block count divides."""
+    if cfg.attn_only:
+        raise UnsupportedModelError(
+            "mlp_blocks > 1 needs a model with MLPs (this one is attn_only)"
+        )
+    if cfg.d_mlp % mlp_blocks != 0:
+        raise UnsupportedModelError(
+            f"mlp_blocks={mlp_blocks} does not divide d_mlp={cfg.d_mlp}; choose a divisor"
+        )
+    if cfg.gated_mlp or getattr(cfg, "num_experts", None) or cfg.act_fn in ("solu_ln",):
+        raise UnsupportedModelError(
+            "mlp_blocks > 1 supports plain MLPs (W_in, activation, W_out); this model's MLP is "
+            "gated, mixture-of-experts or has a norm inside: use mlp_blocks=1"
         )
 
 

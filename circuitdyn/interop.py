@@ -91,6 +91,8 @@ def eap_cfg(graph: Graph, d_model: int | None = None) -> dict[str, Any]:
     }
     if not graph.has_mlp:
         cfg["attn_only"] = True
+    if graph.mlp_blocks > 1:  # circuitdyn's extension: EAP-IG itself has whole-MLP nodes only
+        cfg["mlp_blocks"] = graph.mlp_blocks
     return cfg
 
 
@@ -252,7 +254,10 @@ def _graph_from_cfg(cfg: Any) -> tuple[Graph, int | None]:
         isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 0
     ):
         raise _Bad(f"cfg['d_model'] must be an int >= 0, got {d_model!r}")
-    return Graph(sizes[0], sizes[1], has_mlp=has_mlp), (d_model or None)
+    blocks = cfg.get("mlp_blocks", 1)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise _Bad(f"cfg['mlp_blocks'] must be a positive int, got {blocks!r}")
+    return Graph(sizes[0], sizes[1], has_mlp=has_mlp, mlp_blocks=blocks), (d_model or None)
 
 
 def _from_json(payload: Any) -> EapGraph:

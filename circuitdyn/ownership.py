@@ -2,7 +2,9 @@
 
 Per head: head h of layer L owns ``W_Q[h]`` and ``b_Q[h]`` when an edge into ``aL.hh<q>`` is in
 the circuit (likewise K and V), and ``W_O[h]`` when an edge out of ``aL.hh`` is; MLP L owns every
-parameter of ``blocks.L.mlp`` when ``mL`` is in the circuit. Parameters that belong to no node
+parameter of ``blocks.L.mlp`` when ``mL`` is in the circuit. With MLP neuron blocks, block b owns
+its columns of ``W_in`` and ``b_in`` and its rows of ``W_out``; ``b_out`` goes with any block of
+its MLP. Parameters that belong to no node
 (``b_O``, norms, embeddings, unembedding) follow a `ParameterPolicy`, chosen by name from
 `POLICIES` (default ``nodes``: not tuned).
 """
@@ -146,7 +148,7 @@ def parameter_masks(
             True entry appear, which saves memory on large models.
     """
     policy = resolve_policy(policy)
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, circuit.graph.mlp_blocks)
     if circuit.graph != graph:
         raise ValueError(f"the circuit's graph {circuit.graph} does not match the model's {graph}")
     own = circuit.components()
@@ -164,7 +166,10 @@ def parameter_masks(
         info = classify_parameter(name)
         layer = info.layer
         kind = info.kind
-        if kind in per_head:
+        if kind is ParamKind.MLP:
+            assert layer is not None
+            mask = _mlp_mask(name, param, own.mlp[layer])
+        elif kind in per_head:
             assert layer is not None
             rows = per_head[kind][layer]  # [n_heads]
             n_rows = param.shape[0]
@@ -192,8 +197,6 @@ def _owns_whole(
     policy: ParameterPolicy,
 ) -> bool:
     """Whether a parameter that is not sliced per head is owned as a whole."""
-    if kind is ParamKind.MLP:
-        return bool(own.mlp[layer])
     if kind is ParamKind.ATTN_BIAS_OUT:
         return policy.include_attn_bias_out and bool(own.o[layer].any())
     if kind is ParamKind.QK_NORM:
@@ -204,12 +207,27 @@ def _owns_whole(
             return False
         if layer is None:  # ln_final feeds logits
             return own.logits
-        return bool(any_qkv[layer].any()) if ".ln1." in name else bool(own.mlp[layer])
+        return bool(any_qkv[layer].any()) if ".ln1." in name else bool(own.mlp[layer].any())
     if kind is ParamKind.EMBED:
         return policy.include_embed and own.input
     if kind is ParamKind.UNEMBED:
         return policy.include_unembed and own.logits
     raise AssertionError(f"unhandled parameter kind {kind}")
+
+
+def _mlp_mask(name: str, param: Tensor, blocks: Bool[Tensor, " n_blocks"]) -> Tensor:
+    """The entries of an MLP parameter that the owned neuron `blocks` hold: ``W_in`` columns,
+    ``b_in`` entries and ``W_out`` rows per block; any other MLP parameter (``b_out``, or every
+    parameter of an MLP that is one node) goes with any owned block."""
+    leaf = name.rsplit(".", 1)[-1]
+    if blocks.numel() == 1 or leaf not in ("W_in", "b_in", "W_out"):
+        return torch.full(param.shape, bool(blocks.any()), dtype=torch.bool)
+    neurons = blocks.repeat_interleave(param.shape[-1 if leaf != "W_out" else 0] // blocks.numel())
+    if leaf == "W_in":  # [d_model, d_mlp]
+        return neurons[None, :].expand(param.shape)
+    if leaf == "W_out":  # [d_mlp, d_model]
+        return neurons[:, None].expand(param.shape)
+    return neurons  # b_in [d_mlp]
 
 
 def count_tunable(

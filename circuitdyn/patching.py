@@ -115,20 +115,36 @@ def patch_hooks(
                 return torch.where(rows[:, None].to(act.device), new.to(act.dtype), act)
 
             hooks.append((f"blocks.{layer}.attn.hook_{name}", rebuild))
-    if graph.has_mlp:
-        for layer in range(graph.n_layers):
-            hooks.append((f"blocks.{layer}.hook_resid_mid", keep(f"mid{layer}")))
-            hooks.append(
-                (
-                    f"blocks.{layer}.ln2.hook_normalized",
-                    replace_input(
-                        f"mid{layer}",
-                        model.blocks[layer].ln2,
-                        graph.n_upstream_mlp(layer),
-                        graph.mlp_dst(layer),
-                    ),
-                )
+    for layer in range(graph.n_layers if graph.has_mlp else 0):
+        hooks.append((f"blocks.{layer}.hook_resid_mid", keep(f"mid{layer}")))
+        columns, ln2 = graph.mlp_dst(layer), model.blocks[layer].ln2
+        if graph.mlp_blocks == 1:  # the MLP reads one input: rebuild ln2's output
+            rebuild = replace_input(f"mid{layer}", ln2, graph.n_upstream_mlp(layer), columns.start)
+            hooks.append((f"blocks.{layer}.ln2.hook_normalized", rebuild))
+            continue
+        touched = weights[: graph.n_upstream_mlp(layer), columns].any(0)  # [block]
+        if not bool(touched.any()):
+            continue
+
+        def rebuild_blocks(
+            act: Tensor, hook, layer=layer, columns=columns, ln2=ln2, touched=touched
+        ) -> Tensor:
+            """Each block with ablated input edges gets its own input: its pre-activations are
+            recomputed from ln2 of (residual + its correction) through its W_in columns."""
+            mlp = model.blocks[layer].mlp
+            x = correction(graph.n_upstream_mlp(layer), columns).add_(resid[f"mid{layer}"])
+            x = norm(ln2, x, affine=True).to(mlp.W_in.dtype)  # [block, batch, pos, d_model]
+            n_blocks = graph.mlp_blocks
+            W = mlp.W_in.reshape(d_model, n_blocks, -1).transpose(0, 1)  # [block, d_model, k]
+            new = torch.bmm(x.reshape(n_blocks, batch * pos, d_model), W)
+            new = new.view(n_blocks, batch, pos, -1) + mlp.b_in.reshape(n_blocks, 1, 1, -1)
+            old = act.reshape(batch, pos, n_blocks, -1).permute(2, 0, 1, 3)
+            merged = torch.where(
+                touched[:, None, None, None].to(act.device), new.to(act.dtype), old
             )
+            return merged.permute(1, 2, 0, 3).reshape(act.shape)
+
+        hooks.append((f"blocks.{layer}.mlp.hook_pre", rebuild_blocks))
     hooks.append((f"blocks.{graph.n_layers - 1}.hook_resid_post", keep("final")))
     hooks.append(
         (

@@ -216,7 +216,7 @@ HEAD_GAP = 1.3
 """Height of the lowest head row above the residual lane (y = 0), in head rows."""
 PORT_OFFSETS = {"q": (-0.2, 0.26), "k": (-0.26, 0.0), "v": (-0.2, -0.26)}
 """Where a head's q / k / v input port sits relative to the head (x in columns, y in rows)."""
-PATH_POINTS = 15
+PATH_POINTS = 11
 """Points per drawn edge (a quadratic Bézier curve)."""
 
 
@@ -312,14 +312,14 @@ def _shown_edges(edges: pd.DataFrame, max_edges: int | None) -> pd.DataFrame:
     return edges[ranks <= max_edges]
 
 
-def _polyline(xs: np.ndarray, ys: np.ndarray, pick: np.ndarray) -> tuple[list, list]:
-    """The curves ``pick`` of (xs, ys) joined into one trace's x / y with None breaks."""
-    px: list[float | None] = []
-    py: list[float | None] = []
-    for i in np.flatnonzero(pick):
-        px += [*np.round(xs[i], 3).tolist(), None]
-        py += [*np.round(ys[i], 3).tolist(), None]
-    return px, py
+def _polyline(xs: np.ndarray, ys: np.ndarray, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The curves ``pick`` of (xs, ys) joined into one trace's x / y, NaN between curves (a
+    gap; numeric arrays keep the figure's JSON small)."""
+    rows = np.flatnonzero(pick)
+    gap = np.full((len(rows), 1), np.nan)
+    px = np.concatenate([xs[rows], gap], axis=1).ravel() if len(rows) else np.zeros(0)
+    py = np.concatenate([ys[rows], gap], axis=1).ravel() if len(rows) else np.zeros(0)
+    return px.astype(np.float32), py.astype(np.float32)
 
 
 def _graph_traces(
@@ -495,7 +495,7 @@ def _graph_traces(
         )
     )
     if not keep_slots:
-        traces = [t for t in traces if t.meta != SLOT or any(v is not None for v in t.x)]
+        traces = [t for t in traces if t.meta != SLOT or len(t.x)]
         for t in traces:
             t.meta = None
     if legend:
@@ -807,7 +807,11 @@ def circuit_diff_graph(
         f"{int((status == 'gained').sum())} edges gained, {int((status == 'lost').sum())} lost, "
         f"{int(flipped.sum())} flipped sign"
     )
-    return _graph_layout(fig, positions, title)
+    _graph_layout(fig, positions, title)
+    fig.update_layout(
+        legend_title_text=f"edges from step {step_a} to step {step_b} (width ∝ |score|)"
+    )
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,6 +828,10 @@ def _compact(value: float, digits: int = 4) -> float | None:
     return float(f"{value:.{digits}g}")
 
 
+def _b64(values: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(values).tobytes()).decode("ascii")
+
+
 def circuit_explorer(
     nodes: pd.DataFrame,
     edges: pd.DataFrame,
@@ -835,6 +843,9 @@ def circuit_explorer(
     n_width_bins: int = 5,
     start_step: int | None = None,
 ) -> go.Figure:
+    # Steps are stored compactly: per step the edges (uint16 indices into the catalogue) and
+    # scores quantised to int16 relative to the step's largest |score| (relative precision
+    # 3e-5), base64; the catalogue's curves as float32.
     """The circuit at every step of `circuit_evolution` tables (a ``step`` column tells the
     steps apart), explorable in a browser: a step slider, one button per key step (``keys``:
     a `key_steps` table), a threshold slider (hide edges weaker than a fraction of the
@@ -866,13 +877,22 @@ def circuit_explorer(
     for step in steps:
         e = edges[edges["step"] == step]
         n = nodes[nodes["step"] == step]
-        share = e["share"] if "share" in e.columns else pd.Series(np.nan, index=e.index)
+        total = np.nan
+        if "share" in e.columns and e["share"].notna().any():
+            ok = e["share"].notna() & (e["share"] != 0)
+            total = (
+                float((e.loc[ok, "score"] / e.loc[ok, "share"]).median()) if ok.any() else np.nan
+            )
+        values = e["score"].to_numpy(dtype=float)
+        peak = float(np.nanmax(np.abs(values), initial=0.0)) or 1.0
+        quantised = np.where(np.isfinite(values), np.round(values / peak * 32767), -32768)
         frames.append(
             {
                 "step": step,
-                "e": [index[x] for x in e["edge"]],
-                "s": [_compact(v) for v in e["score"].to_numpy(dtype=float)],
-                "h": [_compact(v, 3) for v in share.to_numpy(dtype=float)],
+                "e": _b64(np.array([index[x] for x in e["edge"]], dtype="<u2")),
+                "q": _b64(quantised.astype("<i2")),
+                "m": _compact(peak, 6),
+                "T": _compact(float(total)) if np.isfinite(total) else None,
                 "n": [node_index[x] for x in n.loc[n["in_circuit"].astype(bool), "node"]],
                 "t": (step_text or {}).get(step, ""),
             }
@@ -924,8 +944,9 @@ def circuit_explorer(
             for d, i in zip(catalogue["dst_node"], catalogue["input"], strict=True)
         ],
         "portNode": [node_index[n] for n in ports["node"]],
-        "px": np.round(xs, 3).tolist(),
-        "py": np.round(ys, 3).tolist(),
+        "points": int(xs.shape[1]) if len(catalogue) else PATH_POINTS,
+        "px": _b64(xs.astype("<f4")),
+        "py": _b64(ys.astype("<f4")),
         "keys": []
         if keys is None
         else [

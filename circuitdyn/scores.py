@@ -114,6 +114,7 @@ class Scores:
             "n_layers": str(graph.n_layers),
             "n_heads": str(graph.n_heads),
             "has_mlp": str(int(graph.has_mlp)),
+            "mlp_blocks": str(graph.mlp_blocks),
             "meta": json.dumps(self.meta),
         }
         save_file(
@@ -128,7 +129,10 @@ class Scores:
             header = handle.metadata() or {}
         try:
             graph = Graph(
-                int(header["n_layers"]), int(header["n_heads"]), bool(int(header["has_mlp"]))
+                int(header["n_layers"]),
+                int(header["n_heads"]),
+                bool(int(header["has_mlp"])),
+                int(header.get("mlp_blocks", "1")),
             )
         except KeyError as error:
             raise ValueError(f"{path} is not a circuitdyn scores file (missing {error})") from None

@@ -94,7 +94,7 @@ class _Run:
         self.config, self.model, self.store = config, model, store
         self.task, self.general = task, general
         self.strategy = STRATEGIES[config.strategy]
-        self.graph = Graph.from_model(model)
+        self.graph = Graph.from_model(model, config.mlp_blocks)
         self.device = next(model.parameters()).device
         self.params = dict(model.named_parameters())
         self.optimizer = make_optimizer(
@@ -338,7 +338,7 @@ def tune(
     needs_twins = ABLATIONS[config.ablation].needs_corrupted
     task = load_task(config.task, model, seed=config.seed, twins=needs_twins, **config.task_options)
     general = general_task(config.task, model, seed=config.seed, **config.task_options)
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, config.mlp_blocks)
     n_max = SELECTIONS[config.selection].n_max(graph)
     if max(config.top_n, config.top_n_final or 0) > n_max:
         warnings.warn(

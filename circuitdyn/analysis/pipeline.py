@@ -84,7 +84,7 @@ def analyze_run(
     model: bool = True,
     top_k: int = 10,
     n_examples: int = 64,
-    max_checkpoints: int = 6,
+    max_checkpoints: int = 40,
     core_fraction: float = 0.9,
     progress: bool = False,
 ) -> RunAnalysis:
@@ -100,7 +100,6 @@ def analyze_run(
     if note:
         result.notes.append(note)
     t = result.tables
-    phases = A.phase_steps(store)
     stages: list[Stage] = [
         ("metrics", store.metrics_frame),
         ("evals", lambda: evals_by_step(store)),
@@ -114,21 +113,32 @@ def analyze_run(
         ("node_membership", lambda: A.node_membership(store)),
         ("node_scores", lambda: A.node_score_matrix(store)),
         ("edge_trends", lambda: A.edge_trends(store)),
+        ("key_steps", lambda: A.run_key_steps(store)),
+        ("churn_counts", lambda: A.churn_counts(t["churn"])),
+        ("edge_membership", lambda: A.edge_membership(store)),
+        ("score_totals", lambda: A.step_score_totals(store)),
+        ("node_shares", lambda: A.column_shares(t["node_scores"])),
     ]
     if A.attributed_steps(store):
         stages += [
             (
                 "edge_trajectories",
-                lambda: A.edge_trajectories(store, A.top_edges(t["edge_trends"], top_k)),
+                lambda: A.score_shares(
+                    A.edge_trajectories(store, A.top_edges(t["edge_trends"], top_k)),
+                    t["score_totals"],
+                ),
             ),
             ("rank_changes", lambda: A.rank_changes(store, top_k)),
         ]
     else:
         result.notes.append("no attributed step: edge trajectories and ranks skipped")
     stages += [
-        ("phase_membership", lambda: A.phase_membership(store, phases)),
+        ("phase_membership", lambda: A.phase_membership(store, key_phases(t["key_steps"]))),
         ("membership_flows", lambda: A.membership_flows(t["phase_membership"])),
-        ("phase_overlap", lambda: A.compare_steps(store, list(dict.fromkeys(phases.values())))),
+        (
+            "phase_overlap",
+            lambda: A.compare_steps(store, list(key_phases(t["key_steps"]).values())),
+        ),
     ]
     if model:
         stages += _model_stages(result, n_examples, max_checkpoints)
@@ -137,6 +147,14 @@ def analyze_run(
     _run_stages(stages, f"analyze {result.label}", progress, into=t)
     result.summary = key_numbers(result, core_fraction)
     return result
+
+
+def key_phases(keys: pd.DataFrame) -> dict[str, int]:
+    """Phases for `phase_membership` from a `key_steps` table: one per distinct snapshot step,
+    named ``"step 35 (dev metric crosses 0)"``."""
+    rows = keys.dropna(subset=["snapshot_step"])
+    merged = rows.groupby("snapshot_step", sort=True)["label"].agg(" / ".join)
+    return {f"step {int(step)} ({label})": int(step) for step, label in merged.items()}
 
 
 def _model_stages(result: RunAnalysis, n_examples: int, max_checkpoints: int) -> list[Stage]:
@@ -229,18 +247,82 @@ def key_numbers(result: RunAnalysis, core_fraction: float = 0.9) -> dict[str, An
 # ---------------------------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------------------------
+FIGURE_CAPTIONS: dict[str, str] = {
+    "training": "Loss and task metric per step. Look for where the dev metric crosses 0 "
+    "(dotted line): the model starts to prefer the target verb.",
+    "circuit_key_steps": "The circuit at the key steps (initial, dev metric crossing 0, dev "
+    "accuracy reaching 50% / 90%, final). Blue edges support the target over the foil, red "
+    "ones favour the foil: watch the colours turn as tuning flips the metric.",
+    "circuit_explorer": "Drag the step slider (or press a key-step button) to walk through "
+    "training; raise the threshold to thin out weak edges; click a node to see only its "
+    "edges. Hover an edge for its raw score, share of the step's total |score| and rank.",
+    "circuit_diff": "Edges gained (green), lost (grey dashed) and kept with a flipped sign "
+    "(purple) between the first and the last step.",
+    "sizes": "Circuit size per step, counted from 0. A fixed-size selection keeps the edge "
+    "count flat; the node count shows how spread out the circuit is.",
+    "churn": "Edges entering (up) and leaving (down) the circuit at each step, and how "
+    "similar each step's circuit is to the previous one (smoothed Jaccard). Bursts of churn "
+    "near the key steps mark a reorganisation.",
+    "edge_membership": "Every edge that was ever in the circuit (rows, by the step it "
+    "entered) against the steps, under the dev metric. Long bars are the stable core; "
+    "short ones are edges that come and go.",
+    "node_scores": "Raw node scores (logits). A change of sign of the task metric flips "
+    "and shrinks every score, so compare with the normalised view below.",
+    "node_shares": "Node scores as a share of each step's total |node score|: how the "
+    "importance is distributed, independent of the metric's scale and sign.",
+    "layer_composition": "How many heads and MLPs of each layer are in the circuit per step.",
+    "membership_sankey": "Which nodes stay in, leave or join the circuit between the key "
+    "steps (hover a link for the node names).",
+    "edge_trajectories": "Scores of the strongest edges over training (left, with their "
+    "linear trend dashed) and as a share of each step's total |score| (right).",
+    "rank_changes": "Rank of the top edges by |score| at the first and last attributed step "
+    "(1 = strongest).",
+    "head_dla": "Direct logit attribution of each head (logits) before, after and the "
+    "difference, on one diverging scale: positive pushes towards the target verb.",
+    "head_attention": "Attention from the verb to its subject relative to uniform attention "
+    "(1 = uniform), before, after and the difference.",
+    "head_dla_trajectories": "Direct logit attribution of the strongest heads at every "
+    "checkpoint: when a head changes role, its line crosses zero.",
+    "head_attention_trajectories": "Attention to the subject of the strongest heads at every "
+    "checkpoint (the dotted line is uniform attention).",
+    "weight_changes": "Relative weight change of each head and MLP at the last checkpoint: "
+    "where tuning moved the weights.",
+}
+"""One or two lines under each figure of a run: what to look for."""
+
+
 def run_figures(result: RunAnalysis, *, progress: bool = False) -> dict[str, go.Figure]:
-    """Every figure of one run, by name, in the order of the report; ``progress``: a tqdm bar
-    over the figures."""
+    """Every figure of one run, by name, in the order of the report (captions:
+    `FIGURE_CAPTIONS`); ``progress``: a tqdm bar over the figures."""
     store, t, label = result.store, result.tables, result.label
+    keys = t.get("key_steps")
 
-    def circuit_at(step: int) -> go.Figure:
-        nodes, edges = A.circuit_tables(store, step)
-        return P.circuit_graph(nodes, edges, title=f"Circuit at step {step} ({len(edges)} edges)")
+    def with_shares(edges: pd.DataFrame) -> pd.DataFrame:
+        totals = t["score_totals"].set_index("step")["total_abs_score"]
+        source = edges["score_step"].astype("float")
+        return edges.assign(share=edges["score"] / source.map(totals))
 
-    def evolution() -> go.Figure:
-        title = f"Circuit over training: {label}"
-        return P.circuit_animation(*A.circuit_evolution(store), title=title)
+    def key_circuits() -> go.Figure:
+        steps = [int(s) for s in keys["snapshot_step"].dropna().unique()]
+        nodes, edges = A.circuit_evolution(store, steps)
+        return P.circuit_small_multiples(
+            nodes, with_shares(edges), keys, title=f"The circuit at the key steps: {label}"
+        )
+
+    def explorer() -> go.Figure:
+        nodes, edges = A.circuit_evolution(store, max_frames=80)
+        text = A.step_descriptions(t["metrics"], t["evals"])
+        return P.circuit_explorer(
+            nodes,
+            with_shares(edges),
+            keys=keys,
+            step_text=text,
+            title=f"Circuit over training: {label}",
+        )
+
+    def diff() -> go.Figure:
+        first, last = store.steps[0], store.steps[-1]
+        return P.circuit_diff_graph(*A.circuit_tables(store, first), *A.circuit_tables(store, last))
 
     roles = t.get("head_roles")
     # (figure, the table it needs: skipped when that is absent or empty, builder)
@@ -248,25 +330,31 @@ def run_figures(result: RunAnalysis, *, progress: bool = False) -> dict[str, go.
         (
             "training",
             "metrics",
-            lambda: P.training_curves(t["metrics"], t["evals"], title=f"Training: {label}"),
+            lambda: P.training_curves(
+                t["metrics"], t["evals"], title=f"Training: {label}", keys=keys
+            ),
         ),
-        ("circuit_first", "sizes", lambda: circuit_at(store.steps[0])),
-        ("circuit_last", "sizes", lambda: circuit_at(store.steps[-1])),
-        ("circuit_animation", "sizes", evolution),
-        ("sizes", "sizes", lambda: P.size_figure(t["sizes"])),
-        ("churn", "churn", lambda: P.churn_figure(t["churn"])),
+        ("circuit_key_steps", "key_steps", key_circuits),
+        ("circuit_explorer", "sizes", explorer),
+        ("circuit_diff", "sizes", diff),
+        ("sizes", "sizes", lambda: P.size_figure(t["sizes"], keys=keys)),
+        ("churn", "churn_counts", lambda: P.churn_figure(t["churn_counts"], keys=keys)),
         (
-            "membership",
-            "node_membership",
-            lambda: P.evolution_heatmap(t["node_membership"], kind="membership"),
+            "edge_membership",
+            "edge_membership",
+            lambda: P.membership_raster(t["edge_membership"], t["evals"], keys=keys),
         ),
-        ("node_scores", "node_scores", lambda: P.evolution_heatmap(t["node_scores"])),
+        ("node_scores", "node_scores", lambda: P.evolution_heatmap(t["node_scores"], keys=keys)),
+        (
+            "node_shares",
+            "node_shares",
+            lambda: P.evolution_heatmap(t["node_shares"], kind="share", keys=keys),
+        ),
         (
             "layer_composition",
             "layer_composition",
-            lambda: P.layer_composition_figure(t["layer_composition"]),
+            lambda: P.layer_composition_figure(t["layer_composition"], keys=keys),
         ),
-        ("node_events", "node_events", lambda: P.events_figure(t["node_events"], store.node_names)),
         (
             "membership_sankey",
             "membership_flows",
@@ -275,16 +363,20 @@ def run_figures(result: RunAnalysis, *, progress: bool = False) -> dict[str, go.
         (
             "edge_trajectories",
             "edge_trajectories",
-            lambda: P.edge_trajectories_figure(t["edge_trajectories"], t["edge_trends"]),
+            lambda: P.edge_trajectories_figure(t["edge_trajectories"], t["edge_trends"], keys=keys),
         ),
         ("rank_changes", "rank_changes", lambda: P.rank_change_figure(t["rank_changes"])),
         ("head_dla", "head_roles", lambda: P.head_heatmaps(roles, "dla")),
         ("head_attention", "head_roles", lambda: P.head_heatmaps(roles, "attention_ratio")),
-        ("head_dla_trajectories", "head_roles", lambda: P.head_role_trajectories(roles, "dla")),
+        (
+            "head_dla_trajectories",
+            "head_roles",
+            lambda: P.head_role_trajectories(roles, "dla", keys=keys),
+        ),
         (
             "head_attention_trajectories",
             "head_roles",
-            lambda: P.head_role_trajectories(roles, "attention_to_subject"),
+            lambda: P.head_role_trajectories(roles, "attention_to_subject", keys=keys),
         ),
         ("weight_changes", "weight_changes", lambda: P.weight_change_heatmaps(t["weight_changes"])),
     ]
@@ -292,27 +384,117 @@ def run_figures(result: RunAnalysis, *, progress: bool = False) -> dict[str, go.
     return _run_stages(stages, f"figures {label}", progress)
 
 
+COMPARISON_CAPTIONS: dict[str, str] = {
+    "final_bars": "The final evaluation of each strategy (mean ± std over seeds where a "
+    "strategy has several).",
+    "curves_dev_metric": "Dev metric over training per strategy (mean over seeds, band ± "
+    "std). Where a curve crosses 0 the model starts to prefer the target.",
+    "curves_dev_accuracy": "Dev accuracy over training per strategy: how fast each reaches "
+    "50% and 90%.",
+    "curves_general_loss": "General language-modelling loss: what tuning costs the model "
+    "elsewhere.",
+    "curves_faithfulness_masked": "Faithfulness of the circuit (circuit metric / model "
+    "metric), left out where the model's metric is within 10% of its largest |value| of 0, "
+    "where the ratio is meaningless.",
+    "sizes_over_seeds": "Circuit size (edges) per strategy, mean ± std over seeds.",
+    "churn_over_seeds": "Edge Jaccard with the previous step (smoothed) per strategy, mean ± "
+    "std over seeds: how much the circuit moves.",
+    "head_roles_over_seeds": "Direct logit attribution of the strongest heads of the first "
+    "strategy over training, mean ± std over its seeds.",
+    "weight_changes": "Relative weight change of each head and MLP at the end of each run.",
+    "weight_share": "Share of the squared weight change in attention heads and in MLPs.",
+    "overlap": "Overlap of the final circuits of the first two runs.",
+}
+"""Captions of the comparison figures (and of ``intrinsic_dimension_*``: see
+`comparison_caption`)."""
+
+
+def comparison_caption(name: str) -> str:
+    """The caption of a comparison figure."""
+    if name.startswith("intrinsic_dimension"):
+        return (
+            "Final dev metric against circuit size: the smallest circuit that reaches 90% of "
+            "the best is the task's intrinsic dimension (dashed)."
+        )
+    return COMPARISON_CAPTIONS.get(name, "")
+
+
 def comparison(
     results: Sequence[RunAnalysis],
 ) -> tuple[dict[str, pd.DataFrame], dict[str, go.Figure], dict[str, Any]]:
-    """Tables, figures and key numbers comparing several runs: final evaluations (bars), the
-    curves of each run, where the weights moved, the overlap of each final circuit with the
-    first run's, and the intrinsic dimension of each strategy run at several top_n."""
+    """Tables, figures and key numbers comparing several runs. Runs that differ only in their
+    seed (`circuitdyn.analysis.seeds.seed_group` of their directory names) form a group, drawn
+    as the mean over its seeds with a ± std band: final evaluations (bars), evaluation curves
+    (faithfulness masked where the model's metric is near zero), circuit size and churn,
+    the head roles of the first group over training; then where the weights moved (one run
+    per group), the overlap of the final circuits of the first two groups, and the intrinsic
+    dimension of each strategy run at several top_n."""
     stores = {r.label: r.store for r in results}
+    group_of = {r.label: A.run_group(r.store) for r in results}
+    first_of_group = {}
+    for r in results:
+        first_of_group.setdefault(group_of[r.label], r)
     tables: dict[str, pd.DataFrame] = {}
     figs: dict[str, go.Figure] = {}
     numbers: dict[str, Any] = {}
-    finals = tables["final_evals"] = A.final_evals(stores)
+    finals = A.final_evals(stores)
+    finals.insert(1, "group", finals["run"].map(group_of))
+    tables["final_evals"] = finals
     metrics = [m for m in P.FINAL_METRICS if m in finals.columns]
     if metrics:
         figs["final_bars"] = P.final_metrics_bars(finals, metrics)
-    curves = tables["strategy_curves"] = A.strategy_curves(stores)
-    for metric in ("dev_metric", "general_loss", "faithfulness"):
+    curves = A.strategy_curves(stores)
+    curves.insert(1, "group", curves["run"].map(group_of))
+    curves = pd.concat(
+        [A.mask_near_zero(rows) for _, rows in curves.groupby("run", sort=False)],
+        ignore_index=True,
+    )
+    tables["strategy_curves"] = curves
+    for metric in ("dev_metric", "dev_accuracy", "general_loss", "faithfulness_masked"):
         if metric in curves.columns and curves[metric].notna().any():
             figs[f"curves_{metric}"] = P.strategy_curves_figure(curves, metric)
+    per_run = {
+        "sizes": ("sizes", "n_edges", "Circuit size per strategy (edges)", True),
+        "churn": (
+            "churn_counts",
+            "jaccard_edges_prev_smoothed",
+            "Circuit churn per strategy: edge Jaccard with the previous step (smoothed)",
+            False,
+        ),
+    }
+    for name, (table, value, title, from_zero) in per_run.items():
+        frames = [
+            r.tables[table][["step", value]].assign(group=group_of[r.label], run=r.label)
+            for r in results
+            if table in r.tables and len(r.tables[table])
+        ]
+        if frames:
+            joined = tables[f"{name}_over_seeds"] = pd.concat(frames, ignore_index=True)
+            figs[f"{name}_over_seeds"] = P.band_figure(
+                joined, value, title=title, y_from_zero=from_zero
+            )
+    with_roles = [r for r in results if "head_roles" in r.tables and len(r.tables["head_roles"])]
+    if with_roles:
+        group = group_of[with_roles[0].label]
+        roles = pd.concat(
+            [
+                r.tables["head_roles"].assign(run=r.label)
+                for r in with_roles
+                if group_of[r.label] == group
+            ],
+            ignore_index=True,
+        )
+        tables["head_roles_over_seeds"] = roles
+        n_seeds = roles["run"].nunique()
+        figs["head_roles_over_seeds"] = P.head_role_trajectories(
+            roles,
+            "dla",
+            title=f"Head roles over training ({group}, {n_seeds} seed(s)): direct logit "
+            "attribution",
+        )
     moved = [
-        r.tables["weight_changes"].assign(run=r.label)
-        for r in results
+        r.tables["weight_changes"].assign(run=group_of[r.label])
+        for r in first_of_group.values()
         if "weight_changes" in r.tables and len(r.tables["weight_changes"])
     ]
     if moved:
@@ -322,10 +504,11 @@ def comparison(
         figs["weight_changes"] = P.weight_change_heatmaps(final_changes)
         summary = tables["weights_moved"] = A.where_weights_moved(final_changes)
         figs["weight_share"] = P.weight_share_bars(summary)
-    base = A.CircuitSets.from_store(results[0].store, label=results[0].label)
+    heads = list(first_of_group.values())
+    base = A.CircuitSets.from_store(heads[0].store, label=group_of[heads[0].label])
     overlaps = [
-        A.compare_circuits(base, A.CircuitSets.from_store(r.store, label=r.label))[0]
-        for r in results[1:]
+        A.compare_circuits(base, A.CircuitSets.from_store(r.store, label=group_of[r.label]))[0]
+        for r in heads[1:]
     ]
     if overlaps:
         tables["final_circuit_overlap"] = pd.concat(overlaps, ignore_index=True)
@@ -348,7 +531,7 @@ def comparison(
 # ---------------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------------
-WIDE_TABLES = ("node_membership", "node_scores")
+WIDE_TABLES = ("node_membership", "node_scores", "node_shares", "edge_membership")
 """Tables written with their index (node x step)."""
 
 
@@ -378,11 +561,15 @@ def write_tables(
 
 
 __all__ = [
+    "COMPARISON_CAPTIONS",
+    "FIGURE_CAPTIONS",
     "WIDE_TABLES",
     "RunAnalysis",
     "analyze_run",
     "comparison",
+    "comparison_caption",
     "key_numbers",
+    "key_phases",
     "run_figures",
     "write_tables",
 ]

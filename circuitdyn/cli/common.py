@@ -83,6 +83,12 @@ def add_model_options(parser: argparse.ArgumentParser, *, task: str) -> None:
         help=f"{choices_help(TASKS)} (default: {task})",
     )
     add_data_options(parser)
+    parser.add_argument(
+        "--mlp-blocks",
+        type=int,
+        default=1,
+        help="MLP nodes per layer: each MLP split into this many neuron blocks (default: 1)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batch order (default: 0)")
 

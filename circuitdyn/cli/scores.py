@@ -95,12 +95,14 @@ def _ablation_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _means(args: argparse.Namespace, model: HookedTransformer, task: Task) -> Tensor | None:
+def _means(
+    args: argparse.Namespace, model: HookedTransformer, graph: Graph, task: Task
+) -> Tensor | None:
     """Mean ablation averages over the train split, never over the scored examples."""
     if not ABLATIONS[ablation_of(args)].needs_means:
         return None
     reference = examples(task, "train", args.n_examples, args.batch_size, args.seed)
-    return mean_activations(model, Graph.from_model(model), reference)
+    return mean_activations(model, graph, reference)
 
 
 def _read_scores(path: Path) -> Scores:
@@ -115,7 +117,7 @@ def _attribute(args: argparse.Namespace) -> int:
     check_writable(args.out)
     torch.manual_seed(args.seed)
     model, task = model_and_task(args)
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, args.mlp_blocks)
     data = examples(task, args.split, args.n_examples, args.batch_size, args.seed)
     scores = attribute(
         model,
@@ -125,7 +127,7 @@ def _attribute(args: argparse.Namespace) -> int:
         method=args.method,
         ablation=ablation_of(args),
         steps=args.steps,
-        means=_means(args, model, task),
+        means=_means(args, model, graph, task),
         progress=True,
     )
     scores.meta.update(model=args.model, task=args.task, split=args.split, seed=args.seed)
@@ -146,7 +148,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CliError(f"--scores {args.scores}: no such file (make one with circuitdyn attribute)")
     scores = _read_scores(args.scores)
     model, task = model_and_task(args, dtype=args.dtype)
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, scores.graph.mlp_blocks)
     if scores.graph != graph:
         raise CliError(f"{args.scores} scores a graph {scores.graph}, but {args.model} has {graph}")
     curve = faithfulness_curve(
@@ -160,7 +162,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         selection=args.selection,
         absolute=not args.signed,
         prune=not args.no_prune,
-        means=_means(args, model, task),
+        means=_means(args, model, graph, task),
     )
     area, distance = cpr(curve), cmd(curve)
     attrs = curve.attrs

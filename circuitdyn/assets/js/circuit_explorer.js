@@ -9,6 +9,28 @@
 
   function finite(v) { return v !== null && v !== undefined && isFinite(v); }
 
+  function bytes(text) {
+    var raw = atob(text), out = new Uint8Array(raw.length);
+    for (var i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
+    return out.buffer;
+  }
+
+  // Decodes the compact arrays of the spec once: curves as arrays of points, per step the edge
+  // indices and scores (NaN where an edge has no score).
+  function decode(spec) {
+    var P = spec.points, xs = new Float32Array(bytes(spec.px)), ys = new Float32Array(bytes(spec.py));
+    spec.px = []; spec.py = [];
+    for (var e = 0; e < spec.edges.length; e++) {
+      spec.px.push(Array.prototype.slice.call(xs, e * P, (e + 1) * P));
+      spec.py.push(Array.prototype.slice.call(ys, e * P, (e + 1) * P));
+    }
+    spec.frames.forEach(function (f) {
+      var idx = new Uint16Array(bytes(f.e)), q = new Int16Array(bytes(f.q));
+      f.e = Array.prototype.slice.call(idx);
+      f.s = Array.prototype.map.call(q, function (v) { return v === -32768 ? NaN : v / 32767 * f.m; });
+    });
+  }
+
   function pct(v) { return finite(v) ? Math.round(100 * v) + "%" : "–"; }
 
   window.circuitdynExplorer = function (gd) {
@@ -17,6 +39,7 @@
     var spec = meta && meta.circuitdyn;
     if (!spec || spec.widget !== "circuit_explorer") return;
     gd._cdExplorer = true;
+    if (typeof spec.px === "string") decode(spec);
     var S = spec.slots, B = spec.bins;
     var state = { i: spec.start, t: spec.theta, sel: null };
 
@@ -109,7 +132,7 @@
         Array.prototype.push.apply(target.y, spec.py[e]); target.y.push(null);
         if (touches) {
           hover.x.push(spec.px[e][mid]); hover.y.push(spec.py[e][mid]);
-          hover.c.push([spec.edges[e], s, f.h[j], rank[j]]);
+          hover.c.push([spec.edges[e], s, finite(f.T) && finite(s) ? s / f.T : null, rank[j]]);
           if (spec.port[e] >= 0) used[spec.port[e]] = true;
         }
       });
