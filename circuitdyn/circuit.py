@@ -328,20 +328,18 @@ class Circuit:
         qkv = torch.stack([has_in[graph.qkv_dst(layer)].reshape(3, H) for layer in range(L)])
         out = torch.stack([mask[graph.head_src(layer)].any(dim=1) for layer in range(L)])
         if graph.has_mlp:
-            mlp = torch.stack(
-                [
-                    mask[graph.mlp_src(layer)].any(dim=1) | has_in[graph.mlp_dst(layer)]
-                    for layer in range(L)
-                ]
-            )
+            mlp_in = torch.stack([has_in[graph.mlp_dst(layer)] for layer in range(L)])
+            mlp_out = torch.stack([mask[graph.mlp_src(layer)].any(dim=1) for layer in range(L)])
         else:
-            mlp = torch.zeros(L, 1, dtype=torch.bool)
+            mlp_in = mlp_out = torch.zeros(L, 1, dtype=torch.bool)
         return Components(
             q=qkv[:, 0],
             k=qkv[:, 1],
             v=qkv[:, 2],
             o=out,
-            mlp=mlp,
+            mlp=mlp_in | mlp_out,
+            mlp_in=mlp_in,
+            mlp_out=mlp_out,
             input=bool(mask[0].any()),
             logits=bool(has_in[graph.logits_dst]),
         )
@@ -435,14 +433,17 @@ class Circuit:
 class Components:
     """What a circuit touches, per layer and head. ``q[L, h]``: an edge into ``aL.hh<q>`` is in
     the circuit (same for k, v); ``o[L, h]``: an edge out of ``aL.hh`` is; ``mlp[L, b]``: MLP
-    node ``mL`` (block b of it, with neuron blocks) is a node of the circuit; ``input`` /
-    ``logits``: those nodes have a circuit edge."""
+    node ``mL`` (block b of it, with neuron blocks) is a node of the circuit, ``mlp_in`` /
+    ``mlp_out``: it has a circuit edge into / out of it; ``input`` / ``logits``: those nodes
+    have a circuit edge."""
 
     q: Bool[Tensor, "n_layers n_heads"]
     k: Bool[Tensor, "n_layers n_heads"]
     v: Bool[Tensor, "n_layers n_heads"]
     o: Bool[Tensor, "n_layers n_heads"]
     mlp: Bool[Tensor, "n_layers n_blocks"]
+    mlp_in: Bool[Tensor, "n_layers n_blocks"]
+    mlp_out: Bool[Tensor, "n_layers n_blocks"]
     input: bool
     logits: bool
 

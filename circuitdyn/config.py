@@ -26,6 +26,30 @@ SCHEDULES = ("constant", "linear", "cosine")
 SCORE_DTYPES = ("float16", "float32")
 SCORE_POSITIONS = ("all", "read")
 
+# Presets: the settings a protocol fixes. "paper" is the authors' circuit-tuning protocol (from
+# the code of arXiv 2502.06106): mean ablation, scores at the position before each verb, top-n
+# node selection, their parameter map, SGD with momentum 0.9 and weight decay 1e-4, 100 warm-up
+# steps, no clipping, lr 1e-3, batch 16. Their graph has no input / logits nodes; here those two
+# are always in a top_nodes circuit and own no parameters under the "paper" policy, so the
+# parameters tuned are the same. Their code keeps only the last head's W_O rows of a layer and one
+# element of b_O: bugs, not reproduced ("paper" tunes every circuit head's W_O rows and b_O).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "paper": {
+        "ablation": "mean",
+        "score_positions": "read",
+        "selection": "top_nodes",
+        "policy": "paper",
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "warmup_steps": 100,
+        "grad_clip": None,
+        "lr": 1e-3,
+        "batch_size": 16,
+    },
+}
+
 
 def _option(default: Any, help: str, *, choices: Any = None) -> Any:
     """A config field with its CLI help (and its choices: a tuple or a `Registry`)."""
@@ -36,6 +60,13 @@ def _option(default: Any, help: str, *, choices: Any = None) -> Any:
 class TuningConfig:
     """Everything that defines a tuning run; saved in the run's manifest (`to_dict`)."""
 
+    protocol: str = _option(
+        "ours",
+        "a preset: 'paper' fixes the authors' protocol (mean ablation, read positions, top_nodes, "
+        "their parameter map, SGD 0.9 / wd 1e-4, 100 warm-up steps, no clipping, lr 1e-3, "
+        "batch 16)",
+        choices=tuple(PROTOCOLS),
+    )
     model: str = _option("default", "'default' (embedded), a TransformerLens name or a directory")
     task: str = _option("disagreement", "the task to tune on", choices=TASKS)
     task_options: dict[str, Any] = field(
@@ -81,6 +112,7 @@ class TuningConfig:
     seed: int = _option(0, "seed of data order, random circuits and initial RNG state")
 
     def __post_init__(self) -> None:
+        self._apply_protocol()
         if self.ablation is None:
             self.ablation = TASKS[self.task].default_ablation
         for f in dataclasses.fields(self):
@@ -114,6 +146,20 @@ class TuningConfig:
             raise ValueError(f"TuningConfig.lr must be > 0, got {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TuningConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+
+    def _apply_protocol(self) -> None:
+        """Set what the protocol fixes; a field set to something else is an error."""
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"TuningConfig.protocol must be one of {', '.join(PROTOCOLS)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in PROTOCOLS[self.protocol].items():
+            given = getattr(self, name)
+            if given != defaults[name] and given != value:
+                raise ValueError(
+                    f"protocol {self.protocol!r} fixes {name}={value!r}, but {name}={given!r} was "
+                    f"given; drop that option or use protocol 'ours'"
+                )
+            setattr(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -156,4 +202,11 @@ class TuningConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "SCORE_DTYPES", "SCORE_POSITIONS", "TuningConfig"]
+__all__ = [
+    "OPTIMIZERS",
+    "PROTOCOLS",
+    "SCHEDULES",
+    "SCORE_DTYPES",
+    "SCORE_POSITIONS",
+    "TuningConfig",
+]

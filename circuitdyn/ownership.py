@@ -61,12 +61,22 @@ class ParameterPolicy:
     * `include_embed`: ``embed.W_E`` and ``pos_embed.W_pos`` when ``input`` is in the circuit.
     * `include_unembed`: ``unembed.W_U`` and ``unembed.b_U`` when ``logits`` is in the circuit.
     * `include_attn_bias_out`: ``blocks.L.attn.b_O`` when a head of layer L owns its ``W_O``.
+
+    Two switches change the map itself (the authors' map, arXiv 2502.06106's code):
+
+    * `qkv_per_layer`: a circuit edge into any head's q, k or v input of layer L tunes the whole
+      ``W_Q``, ``W_K``, ``W_V`` and their biases of layer L (every head), not that head's rows.
+    * `mlp_by_side`: an MLP (block) with a circuit edge *into* it owns its ``W_in`` columns and
+      ``b_in`` (and ``W_gate``), one with a circuit edge *out of* it its ``W_out`` rows and
+      ``b_out``; otherwise a node owns both sides.
     """
 
     include_layernorm: bool = False
     include_embed: bool = False
     include_unembed: bool = False
     include_attn_bias_out: bool = False
+    qkv_per_layer: bool = False
+    mlp_by_side: bool = False
 
 
 _BLOCK_PARAM = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -168,10 +178,16 @@ def parameter_masks(
         kind = info.kind
         if kind is ParamKind.MLP:
             assert layer is not None
-            mask = _mlp_mask(name, param, own.mlp[layer])
+            mask = _mlp_mask(name, param, own, layer, policy.mlp_by_side)
         elif kind in per_head:
             assert layer is not None
             rows = per_head[kind][layer]  # [n_heads]
+            if policy.qkv_per_layer and kind in (
+                ParamKind.HEAD_Q,
+                ParamKind.HEAD_K,
+                ParamKind.HEAD_V,
+            ):
+                rows = any_qkv[layer].any().expand(cfg.n_heads)
             n_rows = param.shape[0]
             if n_rows != cfg.n_heads:
                 # Grouped K/V: head h uses stored row h // (n_heads / n_rows).
@@ -215,11 +231,22 @@ def _owns_whole(
     raise AssertionError(f"unhandled parameter kind {kind}")
 
 
-def _mlp_mask(name: str, param: Tensor, blocks: Bool[Tensor, " n_blocks"]) -> Tensor:
-    """The entries of an MLP parameter that the owned neuron `blocks` hold: ``W_in`` columns,
-    ``b_in`` entries and ``W_out`` rows per block; any other MLP parameter (``b_out``, or every
-    parameter of an MLP that is one node) goes with any owned block."""
+_MLP_INPUT_SIDE = ("W_in", "b_in", "W_gate")  # the rest (W_out, b_out) is the output side
+
+
+def _mlp_mask(
+    name: str, param: Tensor, own: Components, layer: int, by_side: bool
+) -> Bool[Tensor, "..."]:
+    """The entries of an MLP parameter that the circuit owns: per neuron block, ``W_in`` columns,
+    ``b_in`` entries and ``W_out`` rows; any other MLP parameter (``b_out``, or every parameter
+    of an MLP that is one node) goes with any owned block. With `by_side`, input-side
+    parameters follow the blocks with an incoming circuit edge, output-side ones those with an
+    outgoing edge."""
     leaf = name.rsplit(".", 1)[-1]
+    if by_side:
+        blocks = (own.mlp_in if leaf in _MLP_INPUT_SIDE else own.mlp_out)[layer]
+    else:
+        blocks = own.mlp[layer]
     if blocks.numel() == 1 or leaf not in ("W_in", "b_in", "W_out"):
         return torch.full(param.shape, bool(blocks.any()), dtype=torch.bool)
     neurons = blocks.repeat_interleave(param.shape[-1 if leaf != "W_out" else 0] // blocks.numel())
@@ -244,6 +271,12 @@ POLICIES.add(
     "nodes+norms",
     ParameterPolicy(include_layernorm=True),
     help="also the norms that feed circuit nodes (ln1, ln2, ln_final, QK-norms)",
+)
+POLICIES.add(
+    "paper",
+    ParameterPolicy(include_attn_bias_out=True, qkv_per_layer=True, mlp_by_side=True),
+    help="the authors' map: any q/k/v input tunes the layer's whole W_Q/W_K/W_V; head outputs "
+    "their W_O rows (and b_O); MLP inputs W_in/b_in, MLP outputs W_out/b_out",
 )
 POLICIES.add(
     "nodes+all",

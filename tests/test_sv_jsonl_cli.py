@@ -114,3 +114,12 @@ def test_replicate_on_the_paper_format(paper_data, tmp_path, capsys):
     accuracy = summary["strategies"]["circuit"]["test_accuracy"]["mean"]
     assert 0.0 <= accuracy <= 1.0
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_paper_protocol_on_the_paper_format(paper_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["tune", *_data(paper_data), "--protocol", "paper", "--top-n", "4", "--steps", "2"]
+    code, _, err = _run([*args, "--n-eval", "8", "--eval-every", "2", "--out", str(run)], capsys)
+    assert code == 0, err
+    config = RunStore.open(run).config
+    assert (config.ablation, config.score_positions, config.policy) == ("mean", "read", "paper")
