@@ -93,6 +93,9 @@ class TuningConfig:
     )
     ig_steps: int = _option(5, "integrated-gradient steps (method eap-ig)")
     policy: str = _option("nodes", "parameters that belong to no node", choices=POLICIES)
+    lora_rank: int = _option(
+        8, "rank r of the LoRA adapters (strategy lora) on W_Q/W_K/W_V/W_O per head, W_in, W_out"
+    )
     steps: int = _option(300, "optimizer steps")
     batch_size: int = _option(16, "examples per micro-batch")
     grad_accum: int = _option(1, "micro-batches per optimizer step")

@@ -6,9 +6,17 @@ attribute the task metric on the current training batch, select the circuit (top
 q/k/v inputs are in the circuit, W_O rows of heads whose outputs are, whole MLPs), and update
 *only* those parameters with the task's training loss.
 
-Strategies (`circuitdyn.strategies.STRATEGIES`: circuit, fixed, random, full) are recorded the
-same way. For strategies that do not re-search the circuit, it is still attributed, for the
-record only, every `record_every` steps.
+Strategies (`circuitdyn.strategies.STRATEGIES`: circuit, fixed, random, random-matched,
+gradient, lora, full) are recorded the same way. For strategies that do not re-search the
+circuit, it is still attributed, for the record only, every `record_every` steps.
+
+LoRA (strategy ``lora``, `circuitdyn.lora`): adapters of rank `lora_rank` are put on the model
+when the run starts; every model parameter is frozen and only the adapters are in the optimizer
+(``n_tunable`` counts them). Attribution, evaluation and the recorded circuits see the adapted
+model. Checkpoints hold the adapted model as a plain HookedTransformer state (``model.*``,
+weights ``W + B @ A``) and the adapters (``lora.*``); resuming puts the saved adapters on the
+model the run started from (`tune` checks that they give the saved weights). When the run ends
+the adapters are merged into the weights: the model is a plain HookedTransformer again.
 
 What a snapshot describes. Snapshot t holds the edge scores computed on the batch of step t
 with the parameters *before* update t, the circuit used for update t, and the step's metrics
@@ -51,6 +59,7 @@ from circuitdyn.circuit import Circuit
 from circuitdyn.config import TuningConfig
 from circuitdyn.evaluate import faithfulness
 from circuitdyn.graph import Graph
+from circuitdyn.lora import LoraAdapters, check_rank
 from circuitdyn.models import load_model
 from circuitdyn.optim import make_optimizer, masked_step, restrict_gradients
 from circuitdyn.ownership import parameter_masks
@@ -96,7 +105,13 @@ class _Run:
         self.strategy = STRATEGIES[config.strategy]
         self.graph = Graph.from_model(model, config.mlp_blocks)
         self.device = next(model.parameters()).device
-        self.params = dict(model.named_parameters())
+        # LoRA: every model parameter frozen, the adapters (B = 0: the model unchanged) trained.
+        self.lora: LoraAdapters | None = None
+        if self.strategy.lora:
+            self.lora = LoraAdapters(model, config.lora_rank, seed=config.seed)
+            self.params = self.lora.parameters()
+        else:
+            self.params = dict(model.named_parameters())
         self.optimizer = make_optimizer(
             self.params.values(),
             config.optimizer,
@@ -144,7 +159,8 @@ class _Run:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         attributed = self.attributes_at(step)
-        shared = attributed and c.method == "eap"
+        # The shared pass needs gradients at the embedding, which a frozen (LoRA) model lacks.
+        shared = attributed and c.method == "eap" and self.lora is None
         started = time.perf_counter()
         scores: Scores | None = None
         if attributed and not shared:  # before any update: the parameters of this step
@@ -285,7 +301,10 @@ class _Run:
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self, step: int) -> None:
         optim_tensors, skeleton = flatten_state(self.optimizer.state_dict(), "optimizer")
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        state = self.model.state_dict() if self.lora is None else self.lora.model_state_dict()
+        tensors = {f"model.{k}": v for k, v in state.items()}
+        if self.lora is not None:
+            tensors.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
         tensors.update(optim_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         meta: dict[str, Any] = {"step": step, "optimizer": skeleton, "n_selected": self.n_selected}
@@ -296,9 +315,33 @@ class _Run:
             step, tensors=tensors, meta=meta, keep=self.config.keep_checkpoints
         )
 
+    def _load_lora(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put the checkpoint's adapters on the model, after checking that the model's (base)
+        weights plus them give the checkpoint's weights, i.e. that the run resumes from the
+        model it started from (the model is left as it was otherwise)."""
+        assert self.lora is not None
+        factors = strip_prefix(tensors, "lora")
+        saved = strip_prefix(tensors, "model")
+        for name, value in self.lora.model_state_dict(factors).items():
+            if name not in saved or not torch.allclose(saved[name], value, rtol=1e-5, atol=1e-6):
+                raise ValueError(
+                    f"cannot resume the LoRA run in {self.store.directory}: its checkpoint's "
+                    f"{name} is not the model's weight plus the saved adapter; resume with the "
+                    "model the run started from (its weights before tuning)"
+                )
+        self.lora.load_state_dict(factors)
+
+    def finish(self) -> None:
+        """End of the run (or of its interruption): merge LoRA adapters into the weights."""
+        if self.lora is not None and not self.lora.merged:
+            self.lora.merge()
+
     def load(self, step: int) -> None:
         tensors, meta = self.store.load_checkpoint(step, device=self.device)
-        self.model.load_state_dict(strip_prefix(tensors, "model"))
+        if self.lora is None:
+            self.model.load_state_dict(strip_prefix(tensors, "model"))
+        else:
+            self._load_lora(tensors)
         optim = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
         self.optimizer.load_state_dict(unflatten_state(optim, meta["optimizer"]))
         torch.set_rng_state(tensors["rng.torch"].cpu())
@@ -323,6 +366,8 @@ def tune(
     `model` defaults to `load_model(config.model)`; pass one to tune a model built in memory
     (its weights at the start of the run are the run's starting point; the manifest then names
     no model, so analyses that compare with the initial weights need them passed explicitly).
+    The model is tuned in place; with strategy ``lora`` it ends with the adapters merged into
+    its weights, also when the run is interrupted.
 
     With `resume`, the run continues from the last intact checkpoint in `out` and ends with the
     same weights and snapshots as an uninterrupted run with the same config; every snapshot and
@@ -335,6 +380,8 @@ def tune(
     if model is None:
         model = load_model(config.model)
     model.train()
+    if STRATEGIES[config.strategy].lora:
+        check_rank(model, config.lora_rank)  # before anything is built or written
     needs_twins = ABLATIONS[config.ablation].needs_corrupted
     task = load_task(config.task, model, seed=config.seed, twins=needs_twins, **config.task_options)
     general = general_task(config.task, model, seed=config.seed, **config.task_options)
@@ -377,9 +424,24 @@ def tune(
             overwrite=resume or overwrite,
         )
     run = _Run(config, model, task, general, store)
+    try:
+        _train(run, resume, progress)
+        run.finish()
+        model.eval()
+        final = run.evaluate(config.steps)
+        final.update(run.evaluate(config.steps, split="test"))
+    finally:  # also after an interruption: LoRA adapters merged, the store's lock released
+        run.finish()
+        store.close()
+    return RunSummary(out, config.strategy, config.steps, final)
+
+
+def _train(run: _Run, resume: bool, progress: bool) -> None:
+    """The optimizer steps of `run` (from its resume point), with evaluations and checkpoints."""
+    config, model = run.config, run.model
     start = _resume_point(run) if resume else 0
     stream = islice(
-        train_stream(task, config.batch_size, config.seed), start * config.grad_accum, None
+        train_stream(run.task, config.batch_size, config.seed), start * config.grad_accum, None
     )
     bar = tqdm(
         range(start, config.steps),
@@ -400,11 +462,6 @@ def tune(
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", metric=f"{metrics['metric']:.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             run.save(step)
-    model.eval()
-    final = run.evaluate(config.steps)
-    final.update(run.evaluate(config.steps, split="test"))
-    store.close()
-    return RunSummary(out, config.strategy, config.steps, final)
 
 
 def data_notes(task: Task, ablation: str) -> dict[str, Any]:
