@@ -52,7 +52,7 @@ def test_preset_fixes_its_settings_and_refuses_others():
     for name, value in PROTOCOLS["paper"].items():
         assert getattr(config, name) == value, name
     assert TuningConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="fixes weight_decay=0.0001"):
+    with pytest.raises(ValueError, match=r"fixes weight_decay=0\.0001"):
         TuningConfig(protocol="paper", weight_decay=0.5)
 
 

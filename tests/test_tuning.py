@@ -214,7 +214,7 @@ def test_config_validation():
     assert [config.n_at(s) for s in range(5)] == [100, 80, 60, 40, 20]
     assert config.lr_at(0) == pytest.approx(config.lr / 2)
     assert TuningConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown tuning strategy 'magic'.*circuit, fixed"):
+    with pytest.raises(ValueError, match=r"unknown tuning strategy 'magic'.*circuit, fixed"):
         TuningConfig(strategy="magic")
     with pytest.raises(ValueError, match="selection rule"):
         TuningConfig(selection="best")
