@@ -24,10 +24,10 @@ from collections.abc import Iterator
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from circuitdyn.config import TuningConfig
 from circuitdyn.graph import Graph
 from circuitdyn.store import RunStore
 from circuitdyn.tasks.base import Batch, lm_loss, logit_diff
-from circuitdyn.config import TuningConfig
 from circuitdyn.tuning import _Run, train_stream
 
 

@@ -169,22 +169,29 @@ def _legend_entry(name: str, colour: str, *, mode: str = "lines", **style: Any) 
     )
 
 
-def mark_key_steps(fig: go.Figure, keys: pd.DataFrame | None, **where: Any) -> go.Figure:
+def mark_key_steps(fig: go.Figure, keys: pd.DataFrame | None) -> go.Figure:
     """Dotted vertical lines at the events of a `key_steps` table (not its initial / final
-    rows), labelled at the top; several events at one step share a line. ``where``: row / col
-    of a subplot (default: every subplot)."""
+    rows) across every subplot, labelled once at the top of the (first) plot area, labels of
+    successive events stacked; several events at one step share a line and a label."""
     if keys is None or len(keys) == 0:
         return fig
     events = keys[~keys["key"].isin(["initial", "final"])]
     merged = events.groupby("step", sort=True)["label"].agg(" / ".join)
     for i, (step, label) in enumerate(merged.items()):
-        fig.add_vline(
+        fig.add_vline(x=float(step), line={"dash": "dot", "color": "#555", "width": 1.5})
+        fig.add_annotation(
             x=float(step),
-            line={"dash": "dot", "color": "#555", "width": 1.5},
-            annotation_text=f"{label} (t={int(step)})",
-            annotation_position="top left" if i % 2 else "top right",
-            annotation_font={"size": 11, "color": "#444"},
-            **where,
+            xref="x",
+            y=1.0,
+            yref="paper",
+            yanchor="top",
+            xanchor="left",
+            xshift=3,
+            yshift=-2 - 16 * (i % 3),
+            showarrow=False,
+            text=f"{label} (t={int(step)})",
+            font={"size": 11, "color": "#333"},
+            bgcolor="rgba(255,255,255,0.85)",
         )
     return fig
 
@@ -224,14 +231,21 @@ def node_positions(node_names: Sequence[str]) -> pd.DataFrame:
     """Layout of the layered graph, layers left to right: ``node``, ``kind``, ``x`` (column:
     input 0, heads of layer L 2L+1, MLP of layer L 2L+2, logits 2 * n_layers + 1), ``y``
     (the residual-stream nodes input, MLPs and logits on the bottom lane y = 0; the heads of a
-    layer stacked above it, h0 on top), ``column`` (the tick label of x). Raises ValueError for
-    a name that is not a circuitdyn node."""
+    layer stacked above it, h0 on top; an MLP split into neuron blocks ``m{L}.b{B}`` has its
+    blocks spread over the same height, block 0 on top), ``column`` (the tick label of x).
+    Raises ValueError for a name that is not a circuitdyn node."""
     infos = [parse_node(name) for name in node_names]
     n_layers = 1 + max((i.layer for i in infos if i.layer is not None), default=-1)
     n_heads = 1 + max((i.head for i in infos if i.head is not None), default=0)
+    n_blocks = 1 + max((getattr(i, "block", None) or 0 for i in infos), default=0)
     rows = []
     for info in infos:
-        if info.kind == "head":
+        block = getattr(info, "block", None)
+        if info.kind == "mlp" and block is not None:  # MLP neuron blocks: spread up the column
+            frac = 1 - block / (n_blocks - 1) if n_blocks > 1 else 0.0
+            y = HEAD_GAP + (max(n_heads, 2) - 1) * frac
+            rows.append((info.name, "mlp", 2 * info.layer + 2, y, f"L{info.layer} MLP"))
+        elif info.kind == "head":
             y = HEAD_GAP + (n_heads - 1 - info.head)
             rows.append((info.name, "head", 2 * info.layer + 1, y, f"L{info.layer} heads"))
         elif info.kind == "mlp":
@@ -648,7 +662,7 @@ def circuit_small_multiples(
     )
     panels = panels[[int(s) in set(nodes["step"].astype(int)) for s in panels.index]]
     n = max(len(panels), 1)
-    cols = min(n_cols, n)
+    cols = min(n_cols, n if n <= n_cols else math.ceil(n / 2))
     rows = math.ceil(n / cols)
     titles = []
     for step, label in panels.items():
@@ -659,7 +673,7 @@ def circuit_small_multiples(
         cols=cols,
         subplot_titles=titles or ["no key step"],
         horizontal_spacing=0.03,
-        vertical_spacing=0.12 / rows,
+        vertical_spacing=0.16 if rows > 1 else 0.1,
     )
     positions = node_positions(list(dict.fromkeys(nodes["node"])))
     for i, step in enumerate(panels.index):
@@ -1199,7 +1213,14 @@ def churn_figure(
     )
     fig.update_layout(barmode="relative", bargap=0.1)
     fig.update_yaxes(title_text="edges entering (+) / leaving (−) (count)", secondary_y=False)
-    fig.update_yaxes(title_text="Jaccard index (0–1)", range=[0, 1.05], secondary_y=True)
+    fig.update_yaxes(
+        title_text="Jaccard index (0–1)",
+        range=[0, 1.05],
+        tickmode="linear",
+        dtick=0.2,
+        showgrid=False,
+        secondary_y=True,
+    )
     mark_key_steps(fig, keys)
     fig.update_layout(legend={"orientation": "h", "y": -0.22})
     return _finish(fig, title, STEP_AXIS)
@@ -1834,6 +1855,7 @@ def final_metrics_bars(
     )
     palette = _palette()
     key = "group" if "group" in finals.columns else "run"
+    seeds = finals.groupby(key, sort=False).size().max() > 1 if len(finals) else False
     for i, metric in enumerate(present):
         stats = finals.groupby(key, sort=False)[metric].agg(
             mean="mean", std=lambda s: float(np.std(s.dropna())), n="count"
@@ -1856,7 +1878,7 @@ def final_metrics_bars(
             col=i + 1,
         )
         fig.update_yaxes(title_text=_UNITS.get(metric, metric), row=1, col=i + 1)
-    fig.update_xaxes(title_text="run" if key == "run" else "strategy (mean ± std over seeds)")
+    fig.update_xaxes(title_text="strategy (mean ± std over seeds)" if seeds else "run")
     return _finish(fig, title)
 
 

@@ -35,6 +35,7 @@ from circuitdyn import analysis as A
 from circuitdyn import plots
 from circuitdyn.activations import ABLATIONS, mean_activations
 from circuitdyn.analysis import compare as compare_analysis
+from circuitdyn.analysis import pipeline as analysis_pipeline
 from circuitdyn.attribution import attribute
 from circuitdyn.circuit import Circuit
 from circuitdyn.config import TuningConfig
@@ -68,7 +69,7 @@ class Protocol:
     n_test: int = 512
     n_attribution: int = 256  # examples for the agreement circuit
     ig_steps: int = 5
-    checkpoint_every: int = 25
+    checkpoint_every: int = 10  # head roles are measured at every checkpoint
 
 
 DEFAULT = Protocol()
@@ -305,6 +306,128 @@ def markdown_table(summary: pd.DataFrame, labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def replication_figures(
+    runs_dir: Path,
+    run_names: list[str],
+    main_labels: list[str],
+    sweep_labels: list[str],
+    agreement: Circuit,
+    curve: pd.DataFrame,
+    faith: dict[str, float],
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """The replication's figures by file name (and the agreement / final circuit overlap table
+    and the head roles of the circuit-tuning run of seed 0). Strategies with several seeds are
+    drawn as the mean over seeds with a ± std band; the circuit figures are those of the
+    circuit-tuning run of seed 0, with its key steps marked. ``circuit_key_steps`` (the circuit
+    at the key steps, side by side) is the README's picture of the circuit's evolution."""
+    label_of = {name: name.rsplit("_s", 1)[0] for name in run_names}
+    every = {name: RunStore.open(runs_dir / name) for name in run_names}
+    main = {name: s for name, s in every.items() if label_of[name] in main_labels}
+    seed0 = {label_of[name]: s for name, s in every.items() if name.endswith("_s0")}
+    store = seed0["circuit"]
+    keys = A.run_key_steps(store)
+    evals = A.evals_by_step(store)
+
+    finals = compare_analysis.final_evals(main)
+    finals.insert(1, "group", finals["run"].map(label_of))
+    curves = compare_analysis.strategy_curves(main)
+    curves.insert(1, "group", curves["run"].map(label_of))
+    curves = pd.concat(
+        [A.mask_near_zero(rows) for _, rows in curves.groupby("run", sort=False)],
+        ignore_index=True,
+    )
+    sweep = compare_analysis.final_evals(
+        {label: seed0[label] for label in ["circuit", *sweep_labels] if label in seed0}
+    )
+    dimension = compare_analysis.intrinsic_dimension(sweep[sweep["strategy"] == "circuit"])
+    totals = A.step_score_totals(store)
+
+    def with_shares(edges: pd.DataFrame) -> pd.DataFrame:
+        source = edges["score_step"].astype("float")
+        return edges.assign(
+            share=edges["score"] / source.map(totals.set_index("step")["total_abs_score"])
+        )
+
+    key_nodes, key_edges = A.circuit_evolution(
+        store, [int(s) for s in keys["snapshot_step"].dropna().unique()]
+    )
+    nodes, edges = A.circuit_evolution(store, max_frames=80)
+    sizes = pd.concat(
+        [A.circuit_sizes(s).assign(group=label_of[n], run=n) for n, s in main.items()],
+        ignore_index=True,
+    )
+    churn = pd.concat(
+        [A.churn_counts(A.churn(s)).assign(group=label_of[n], run=n) for n, s in main.items()],
+        ignore_index=True,
+    )
+    circuit_seeds = [s for n, s in main.items() if label_of[n] == "circuit"]
+    roles_over_seeds = pd.concat(
+        [A.head_roles(s).assign(run=str(s.directory)) for s in circuit_seeds], ignore_index=True
+    )
+    roles = roles_over_seeds[roles_over_seeds["run"] == str(store.directory)].drop(columns="run")
+    first, last = store.steps[0], store.steps[-1]
+    figs: dict[str, Any] = {
+        "agreement_faithfulness": plots.faithfulness_curve_figure(
+            curve, faith["cpr"], faith["cmd"]
+        ),
+        "strategy_curves": plots.strategy_curves_figure(curves, "dev_metric"),
+        "strategy_accuracy": plots.strategy_curves_figure(curves, "dev_accuracy"),
+        "final_metrics": plots.final_metrics_bars(finals),
+        "intrinsic_dimension": plots.intrinsic_dimension_figure(
+            dimension.curve, saturation_n=dimension.saturation_n, threshold=dimension.threshold
+        ),
+        "circuit_key_steps": plots.circuit_small_multiples(
+            key_nodes,
+            with_shares(key_edges),
+            keys,
+            title="Circuit-tuning (seed 0): the circuit at the key steps",
+        ),
+        "circuit_animation": plots.circuit_explorer(
+            nodes,
+            with_shares(edges),
+            keys=keys,
+            step_text=A.step_descriptions(store.metrics_frame(), evals),
+            title="Circuit-tuning (seed 0)",
+        ),
+        "circuit_diff": plots.circuit_diff_graph(
+            *A.circuit_tables(store, first), *A.circuit_tables(store, last)
+        ),
+        "evolution_heatmap": plots.evolution_heatmap(
+            A.column_shares(A.node_score_matrix(store)), kind="share", keys=keys
+        ),
+        "membership_raster": plots.membership_raster(A.edge_membership(store), evals, keys=keys),
+        "churn": plots.churn_figure(A.churn_counts(A.churn(store)), keys=keys),
+        "churn_over_seeds": plots.band_figure(
+            churn,
+            "jaccard_edges_prev_smoothed",
+            title="Circuit churn per strategy: edge Jaccard with the previous step (smoothed)",
+        ),
+        "sizes_over_seeds": plots.band_figure(
+            sizes, "n_edges", title="Circuit size per strategy (edges)", y_from_zero=True
+        ),
+        "membership_sankey": plots.membership_sankey(
+            A.membership_flows(A.phase_membership(store, analysis_pipeline.key_phases(keys)))
+        ),
+        "head_roles": plots.head_heatmaps(roles),
+        "head_roles_over_seeds": plots.head_role_trajectories(
+            roles_over_seeds,
+            "dla",
+            keys=keys,
+            title=f"Head roles of circuit-tuning over training ({len(circuit_seeds)} seed(s)): "
+            "direct logit attribution",
+        ),
+    }
+    overlap, _ = compare_analysis.compare_circuits(
+        compare_analysis.CircuitSets.from_circuit(agreement, "agreement (before)"),
+        compare_analysis.CircuitSets.from_circuit(
+            Circuit(agreement.graph, store.snapshot(store.steps[-1]).edge_mask),
+            "disagreement (after)",
+        ),
+    )
+    figs["overlap"] = plots.overlap_figure(overlap)
+    return figs, overlap, roles
+
+
 def replicate(
     out: str | Path,
     *,
@@ -370,53 +493,28 @@ def replicate(
         ["K", "test_metric", "test_accuracy", "general_loss_change", "steps_to_90pct"]
     ]
 
-    # Figures: the main comparison, the agreement circuit, the circuit-tuning run of seed 0.
-    stores = {
-        name.rsplit("_s", 1)[0]: RunStore.open(runs_dir / name)
-        for name in plan
-        if name.endswith("_s0")
-    }
-    main = {label: stores[label] for label in main_labels}
-    circuit_store = stores["circuit"]
-    finals = compare_analysis.final_evals(stores)
-
-    circuit_runs = finals[
-        (finals["strategy"] == "circuit")
-        & finals["run"].isin(["circuit", *[_label("circuit", n=n) for n in protocol.sweep_n]])
-    ]
-    dimension = compare_analysis.intrinsic_dimension(circuit_runs)
-    figs = {
-        "agreement_faithfulness": plots.faithfulness_curve_figure(
-            curve, faith["cpr"], faith["cmd"]
-        ),
-        "strategy_curves": plots.strategy_curves_figure(compare_analysis.strategy_curves(main)),
-        "final_metrics": plots.final_metrics_bars(compare_analysis.final_evals(main)),
-        "intrinsic_dimension": plots.intrinsic_dimension_figure(
-            dimension.curve, saturation_n=dimension.saturation_n, threshold=dimension.threshold
-        ),
-        "circuit_animation": plots.circuit_animation(*A.circuit_evolution(circuit_store)),
-        "evolution_heatmap": plots.evolution_heatmap(A.node_score_matrix(circuit_store)),
-        "churn": plots.churn_figure(A.churn(circuit_store)),
-        "membership_sankey": plots.membership_sankey(
-            A.membership_flows(A.phase_membership(circuit_store))
-        ),
-    }
-    roles = A.head_roles(circuit_store)
-    figs["head_roles"] = plots.head_heatmaps(roles)
-    overlap, _ = compare_analysis.compare_circuits(
-        compare_analysis.CircuitSets.from_circuit(agreement, "agreement (before)"),
-        compare_analysis.CircuitSets.from_circuit(
-            Circuit(agreement.graph, circuit_store.snapshot(circuit_store.steps[-1]).edge_mask),
-            "disagreement (after)",
-        ),
+    # Figures: the main comparison over seeds, the agreement circuit, the circuit-tuning runs.
+    figs, overlap, roles = replication_figures(
+        runs_dir,
+        list(plan),
+        main_labels,
+        [_label("circuit", n=n) for n in protocol.sweep_n],
+        agreement,
+        curve,
+        faith,
     )
-    figs["overlap"] = plots.overlap_figure(overlap)
     written = []
     for name, fig in figs.items():
         written += plots.save_figure(fig, figures_dir / name, formats=formats, plotlyjs="directory")
     changes = A.head_role_changes(roles)
     changes.to_csv(out / "head_role_changes.csv", index=False)
-    report = build_report([runs_dir / f"{label}_s0" for label in main_labels], out / "report.html")
+    main_runs = [runs_dir / name for name in plan if name.rsplit("_s", 1)[0] in main_labels]
+    report = build_report(
+        main_runs,
+        out / "report.html",
+        details=[runs_dir / f"{label}_s0" for label in main_labels],
+        title="Replication: circuit-tuning on subject-verb disagreement",
+    )
 
     summary_md = "\n\n".join(
         [

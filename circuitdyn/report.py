@@ -59,7 +59,8 @@ figure { margin: 1.2em 0 1.6em; }
 figcaption { color: #444; font-size: 0.92em; margin-top: 2px; max-width: 60em; }
 div.cd-plot { min-height: 480px; }
 .scroll { overflow-x: auto; }
-nav.toc ul { margin: 0.2em 0; } nav.toc li { margin: 0.1em 0; }
+nav.toc ul { margin: 0.2em 0; } nav.toc li { margin: 0.15em 0; }
+nav.toc ul ul { padding-left: 1.2em; } nav.toc ul ul li { display: inline; margin-right: 1.1em; }
 details.run { border-top: 1px solid #ddd; margin-top: 1.5em; }
 details.run > summary { cursor: pointer; font-size: 1.3em; font-weight: 600; padding: 0.5em 0; }
 """

@@ -555,3 +555,77 @@ def test_circuit_from_checkpoint(tiny_run):
     assert sets.label == "agreement @ initial"
     everything = A.circuit_from_checkpoint(store, 1, top_n=10_000, n_examples=8)
     assert everything.edges == set(store.edge_names)  # n clamped to the graph's edges
+
+
+# ---------------------------------------------------------------------------------------------
+# timeline: key steps, normalised scores, membership raster; seeds
+# ---------------------------------------------------------------------------------------------
+def test_key_steps_known_answers():
+    evals = pd.DataFrame(
+        {"step": [0, 5, 10, 15, 20], "dev_metric": [-3.0, -1.0, 0.5, 2.0, 3.0],
+         "dev_accuracy": [0.0, 0.2, 0.55, 0.8, 0.95]}
+    )  # fmt: skip
+    keys = A.key_steps(evals, [0, 1, 2, 3, 7, 12, 19])
+    # Sorted by step: 90% is first reached at the final evaluation (step 20, after the last
+    # snapshot at 19).
+    assert keys["key"].tolist() == ["initial", "metric_zero", "acc50", "final", "acc90"]
+    assert keys["step"].tolist() == [0, 10, 10, 19, 20]
+    # The circuit drawn for a key step is the last snapshot at or before it.
+    assert keys["snapshot_step"].tolist() == [0, 7, 7, 19, 19]
+    marked = A.marked_steps(keys)
+    assert marked["step"].tolist() == [10, 20]
+    assert marked["label"].iloc[0] == "dev metric crosses 0 / dev accuracy ≥ 50%"
+    never = A.key_steps(evals.assign(dev_metric=1.0, dev_accuracy=0.1), [0, 1])
+    assert never["key"].tolist() == ["initial", "final"]
+
+
+def test_score_shares_and_totals(store):
+    totals = A.step_score_totals(store)
+    assert totals["step"].tolist() == [0, 1, 2]
+    expected = [sum(abs(v[s]) for v in TRUE_SCORES.values()) for s in range(3)]
+    np.testing.assert_allclose(totals["total_abs_score"], expected)
+    traj = A.score_shares(A.edge_trajectories(store, [RISING]), totals)
+    np.testing.assert_allclose(traj["share"], np.array([1.0, 3.0, 5.0]) / expected)
+    shares = A.column_shares(A.node_score_matrix(store))
+    np.testing.assert_allclose(shares.abs().sum(axis=0), 1.0)
+
+
+def test_edge_membership_raster_sorted_by_entry(store):
+    raster = A.edge_membership(store)
+    assert list(raster.columns) == [0, 1, 2, 3]
+    # Entered at 0 first (longest present first), then the edges that entered at step 1.
+    assert raster.index.tolist() == [RISING, SHRINKING, NOISY, "m0->logits"]
+    assert raster.loc[NOISY].tolist() == [0, 1, 1, 1]
+    counts = A.churn_counts(A.churn(store), window=3)
+    assert counts["edges_added"].tolist() == [0, 2, 0, 0]
+    smooth = counts["jaccard_edges_prev"].rolling(3, center=True, min_periods=1).mean()
+    np.testing.assert_allclose(counts["jaccard_edges_prev_smoothed"], smooth)
+
+
+def test_mask_near_zero_and_step_descriptions():
+    evals = pd.DataFrame(
+        {"step": [0, 5, 10], "dev_metric": [-4.0, 0.1, 3.0], "faithfulness": [0.9, -13.0, 1.0],
+         "dev_accuracy": [0.0, 0.5, 1.0]}
+    )  # fmt: skip
+    masked = A.mask_near_zero(evals)
+    assert masked["faithfulness_masked"].tolist()[::2] == [0.9, 1.0]
+    assert np.isnan(masked["faithfulness_masked"].iloc[1])  # |0.1| < 10% of 4
+    metrics = pd.DataFrame({"step": [0, 7], "metric": [-4.2, 1.0]})
+    text = A.step_descriptions(metrics, evals)
+    assert text[0].startswith("batch metric -4.2") and "evaluated at t=5" in text[7]
+
+
+def test_seed_groups_and_bands():
+    assert (
+        A.seed_group("circuit_s2") == "circuit" and A.seed_group("full-lr0.001") == "full-lr0.001"
+    )
+    table = pd.DataFrame(
+        {"group": ["a"] * 4 + ["b"] * 2, "step": [0, 1, 0, 1, 0, 1],
+         "value": [1.0, 2.0, 3.0, 4.0, 5.0, np.nan]}
+    )  # fmt: skip
+    bands = A.over_seeds(table, ["value"])
+    a = bands[bands["group"] == "a"]
+    assert a["mean"].tolist() == [2.0, 3.0] and a["std"].tolist() == [1.0, 1.0]
+    assert a["n"].tolist() == [2, 2] and a["lo"].tolist() == [1.0, 2.0]
+    b = bands[bands["group"] == "b"]
+    assert b["step"].tolist() == [0] and b["std"].tolist() == [0.0]  # NaN dropped, one seed

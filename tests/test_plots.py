@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 import warnings
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from figure_check import assert_trace_equals, check_figure, trace_named, values
 
 from circuitdyn import plots as P
 
@@ -47,80 +49,152 @@ def _hover(traces) -> go.Scatter:
 
 
 def _segments(traces, colour: str) -> int:
-    lines = [t for t in traces if t.mode == "lines" and t.line.color == colour and t.x != (None,)]
-    return sum(sum(1 for v in t.x if v is None) for t in lines)
+    """Curves drawn in ``colour`` (each ends with a NaN gap)."""
+    lines = [
+        t
+        for t in traces
+        if t.mode == "lines" and t.line.color == colour and t.meta != P.LEGEND_ONLY
+    ]
+    return sum(int(np.isnan(values(t.x)).sum()) for t in lines)
 
 
 def _check_labels(fig: go.Figure) -> None:
-    assert fig.layout.title.text
-    axes = [fig.layout[k] for k in fig.layout if k.startswith(("xaxis", "yaxis"))]
-    titled = [a for a in axes if a.title and a.title.text]
-    assert titled, "no axis has a title"
-    for a in titled:
-        assert a.title.text.strip()
+    check_figure(fig)
 
 
 def test_node_positions_layered():
     pos = P.node_positions(NODES).set_index("node")
     assert pos.loc["input", "x"] == 0 and pos.loc["logits", "x"] == 5
     assert pos.loc["a1.h0", "x"] == 3 and pos.loc["m1", "x"] == 4
-    assert pos.loc["a0.h0", "y"] == -0.5 and pos.loc["a0.h1", "y"] == 0.5
+    # Heads stack above the residual lane (y = 0), h0 on top; residual nodes on the lane.
+    assert pos.loc["a0.h0", "y"] > pos.loc["a0.h1", "y"] > 0
+    assert pos.loc["input", "y"] == pos.loc["m0", "y"] == pos.loc["logits", "y"] == 0
     assert pos.loc["m0", "column"] == "L0 MLP" and pos.loc["a1.h1", "column"] == "L1 heads"
     with pytest.raises(ValueError, match="not a circuitdyn node name"):
         P.node_positions(["input", "blocks.0"])
 
 
+def test_edge_paths_end_at_ports_and_residual_arcs_do_not_overlap():
+    pos = P.node_positions(NODES)
+    ports = P.port_positions(pos).set_index("port")
+    edges = pd.DataFrame(
+        {"src": ["input", "input", "m0", "input"], "dst_node": ["a1.h0", "m0", "m1", "m1"],
+         "input": ["q", "", "", ""]}
+    )  # fmt: skip
+    xs, ys = P.edge_paths(edges, pos)
+    # The q edge ends on a1.h0's q port, above the head.
+    assert (xs[0, -1], ys[0, -1]) == pytest.approx(
+        (ports.loc["a1.h0<q>", "x"], ports.loc["a1.h0<q>", "y"])
+    )
+    assert ys[0, -1] > pos.set_index("node").loc["a1.h0", "y"]
+    # Edges along the residual lane hang below it, longer spans deeper: input -> m1 passes
+    # below m0, so it does not run through input -> m0 -> m1.
+    lows = ys[1:].min(axis=1)
+    assert lows.max() < 0 and lows[2] < lows[0] and lows[2] < lows[1]
+
+
 def test_circuit_graph_data_equals_table():
     nodes, edges = _nodes(), _edges()
     fig = P.circuit_graph(nodes, edges)
+    check_figure(fig, "circuit_graph")
     hover = _hover(fig.data)
     assert list(hover.customdata[:, 0]) == edges["edge"].tolist()
     np.testing.assert_array_equal(hover.customdata[:, 1].astype(float), edges["score"].to_numpy())
-    # One line segment per edge, in the colour of its sign (the NaN score is drawn grey).
-    assert _segments(fig.data, P.POSITIVE) == 2
-    assert _segments(fig.data, P.NEGATIVE) == 1
+    # One curve per edge, in the colour of its sign: score < 0 supports the target (blue).
+    assert _segments(fig.data, P.POSITIVE) == 1
+    assert _segments(fig.data, P.NEGATIVE) == 2
     assert _segments(fig.data, P.UNSCORED) == 1
-    # The strongest edge (|-2|) is in the widest bin.
+    # The strongest edge (|-2|) is in the widest bin, and blue.
     widest = max(
-        (t for t in fig.data if t.mode == "lines" and t.x and t.x[0] is not None),
+        (t for t in fig.data if t.mode == "lines" and t.meta != P.LEGEND_ONLY),
         key=lambda t: t.line.width,
     )
-    assert widest.line.color == P.NEGATIVE
-    inside = next(t for t in fig.data if t.name == "nodes in circuit")
-    assert list(inside.customdata[:, 0]) == ["input", "a0.h0", "m0", "logits"]
-    np.testing.assert_array_equal(inside.customdata[:, 1].astype(float), [-3.0, -2.0, 0.0, 4.0])
-    # The q input of a0.h0 ends above the node, the v input of a1.h1 below it.
-    pos = P.node_positions(NODES).set_index("node")
-    q_mid = hover.y[0] * 2 - pos.loc["input", "y"]
-    assert q_mid == pytest.approx(pos.loc["a0.h0", "y"] + 0.22)
-    assert {t.name for t in fig.data if t.showlegend is not False} >= {
-        "head in circuit",
-        "edges, positive score (width ∝ |score|)",
-    }
-    _check_labels(fig)
+    assert widest.line.color == P.POSITIVE
+    node_trace = trace_named(fig, "nodes")
+    assert list(node_trace.ids) == NODES  # every node, keyed, fixed order
+    assert list(node_trace.customdata[:, 0]) == NODES
+    np.testing.assert_array_equal(
+        node_trace.customdata[:, 1].astype(float), nodes["score"].to_numpy()
+    )
+    assert list(node_trace.customdata[:, 2]) == nodes["in_circuit"].tolist()
+    assert node_trace.textfont.size >= 12
+    legend = {t.name for t in fig.data if t.meta == P.LEGEND_ONLY}
+    assert f"edge {P.SUPPORTS}" in legend and f"edge {P.FAVOURS}" in legend
+    assert "target" in fig.layout.legend.title.text  # the sign convention is stated
+    # q / k / v ports of every head are drawn.
+    ports = trace_named(fig, "head inputs (q, k, v)")
+    assert len(ports.x) == 3 * 4
 
 
-def test_circuit_animation_frames_equal_tables():
+def test_circuit_graph_caps_edges_and_highlights():
+    nodes, edges = _nodes(), _edges(scores=(0.5, -2.0, 1.0))
+    fig = P.circuit_graph(nodes, edges, max_edges=2)
+    assert list(_hover(fig.data).customdata[:, 0]) == ["a0.h0->m0", "m0->logits"]
+    assert "2 strongest edges drawn" in fig.layout.title.text
+    fig = P.circuit_graph(nodes, edges, highlight="m0")
+    assert list(_hover(fig.data).customdata[:, 0]) == ["a0.h0->m0", "m0->logits"]
+    faded = trace_named(fig, "edges not touching the highlighted node")
+    assert int(np.isnan(values(faded.x)).sum()) == 1
+
+
+def test_small_multiples_and_diff_graph():
     nodes = pd.concat([_nodes(0), _nodes(5, inside=("input", "m0", "logits"))], ignore_index=True)
     edges = pd.concat([_edges(0), _edges(5, scores=(3.0, 0.25))], ignore_index=True)
-    fig = P.circuit_animation(nodes, edges)
-    assert [f.name for f in fig.frames] == ["0", "5"]
-    assert [s.label for s in fig.layout.sliders[0].steps] == ["0", "5"]
-    for frame, step in zip(fig.frames, (0, 5), strict=True):
-        expected = edges[edges["step"] == step]
-        hover = _hover(frame.data)
-        assert list(hover.customdata[:, 0]) == expected["edge"].tolist()
-        np.testing.assert_array_equal(
-            hover.customdata[:, 1].astype(float), expected["score"].to_numpy()
-        )
-    # Same trace structure in every frame, and the figure starts at the first frame.
-    assert len(fig.frames[0].data) == len(fig.frames[1].data) == len(fig.data)
-    # One width scale for all frames: the 3.0 edge of step 5 is in the widest bin.
-    widths = [
-        t.line.width for t in fig.frames[1].data if t.mode == "lines" and t.x and t.x[0] is not None
+    keys = pd.DataFrame(
+        {"key": ["initial", "metric_zero", "final"], "step": [0, 5, 5],
+         "snapshot_step": [0, 5, 5], "label": ["initial", "dev metric crosses 0", "final"]}
+    )  # fmt: skip
+    fig = P.circuit_small_multiples(nodes, edges, keys)
+    check_figure(fig, "small multiples")
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0].startswith("<b>step 0</b>: initial (4 edges)")
+    assert "dev metric crosses 0 / final" in titles[1]
+    hovers = [t for t in fig.data if t.name == "edge scores (hover)"]
+    assert [list(h.customdata[:, 0]) for h in hovers] == [
+        edges.loc[edges["step"] == s, "edge"].tolist() for s in (0, 5)
     ]
-    assert max(widths) == 0.5 + 6.0
-    _check_labels(fig)
+    diff = P.circuit_diff_graph(
+        nodes[nodes["step"] == 0], edges[edges["step"] == 0],
+        nodes[nodes["step"] == 5], edges[edges["step"] == 5],
+    )  # fmt: skip
+    check_figure(diff, "diff")
+    status = dict(_hover(diff.data).customdata[:, :2])
+    # 0.5 -> 3.0 kept; -2.0 -> 0.25 flipped; the other two lost.
+    assert status == {
+        "input->a0.h0<q>": "kept",
+        "a0.h0->m0": "sign flipped",
+        "m0->logits": "lost",
+        "input->a1.h1<v>": "lost",
+    }
+    assert "0 edges gained, 2 lost, 1 flipped sign" in diff.layout.title.text
+
+
+def test_circuit_explorer_holds_every_step():
+    nodes = pd.concat([_nodes(0), _nodes(5, inside=("input", "m0", "logits"))], ignore_index=True)
+    edges = pd.concat([_edges(0), _edges(5, scores=(3.0, 0.25))], ignore_index=True)
+    fig = P.circuit_explorer(nodes, edges, step_text={0: "metric -1", 5: "metric 1"})
+    check_figure(fig, "explorer")
+    assert not fig.frames and P.is_widget(fig)
+    spec = fig.layout.meta["circuitdyn"]
+    assert spec["steps"] == [0, 5]
+    for frame, step in zip(spec["frames"], (0, 5), strict=True):
+        expected = edges[edges["step"] == step]
+        indices = np.frombuffer(base64.b64decode(frame["e"]), "<u2")
+        assert [spec["edges"][i] for i in indices] == expected["edge"].tolist()
+        quantised = np.frombuffer(base64.b64decode(frame["q"]), "<i2").astype(float)
+        scores = np.where(quantised == -32768, np.nan, quantised / 32767 * frame["m"])
+        np.testing.assert_allclose(
+            scores, expected["score"], atol=frame["m"] / 30000, equal_nan=True
+        )  # int16 relative to the step's largest |score|
+        in_circuit = nodes[(nodes["step"] == step) & nodes["in_circuit"]]["node"].tolist()
+        assert [spec["nodes"][i] for i in frame["n"]] == in_circuit
+    assert spec["frames"][1]["t"] == "metric 1"
+    # The trace slots the script fills are where it expects them.
+    assert fig.data[spec["slots"]["nodes"]].name == "nodes"
+    assert fig.data[spec["slots"]["hover"]].name == "edge scores (hover)"
+    html = P.figure_html(fig, include_plotlyjs=False, full_html=False)
+    assert "circuitdynExplorer" in html and "Plotly.animate" not in html
+    assert P.circuit_animation(nodes, edges).layout.meta["circuitdyn"]["steps"] == [0, 5]
 
 
 def test_evolution_heatmaps():
@@ -149,13 +223,15 @@ def test_churn_size_composition_events():
             },
         }
     )
-    fig = P.churn_figure(churn)
-    assert len(fig.data) == 6
-    for trace in fig.data:
-        level, ref = trace.name.split(" vs ")
-        short = {"previous step": "prev", "first step": "first", "last step": "last"}[ref]
-        column = f"jaccard_{level}_{short}"
-        np.testing.assert_array_equal(trace.y, churn[column].to_numpy())
+    churn["edges_added"] = [0, 3, 1]
+    churn["edges_removed"] = [0, 2, 1]
+    fig = P.churn_figure(churn, window=3)
+    assert_trace_equals(trace_named(fig, "edges entering"), x=[0, 1, 2], y=[0, 3, 1])
+    assert_trace_equals(trace_named(fig, "edges leaving (drawn downwards)"), y=[0, -2, -1])
+    smooth = churn["jaccard_edges_prev"].rolling(3, center=True, min_periods=1).mean()
+    assert_trace_equals(
+        trace_named(fig, "edge Jaccard with the previous step (3-step mean)"), y=smooth
+    )
     _check_labels(fig)
 
     sizes = pd.DataFrame(
@@ -259,7 +335,7 @@ def test_head_heatmaps_and_trajectories():
     heads = [t for t in fig.data if t.name != "uniform baseline"]
     assert len(heads) == 2 and list(heads[0].x) == [0, 5]
     base = next(t for t in fig.data if t.name == "uniform baseline")
-    assert list(base.y) == [0.1, 0.1]
+    np.testing.assert_allclose(base.y, [0.1, 0.1])
     _check_labels(fig)
 
 
@@ -360,18 +436,7 @@ def test_run_comparison_figures():
 
 def test_save_figure_html_is_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "_STATIC_PROBLEM", None)
-    fig = P.churn_figure(
-        pd.DataFrame(
-            {
-                "step": [0],
-                **{
-                    f"jaccard_{lv}_{r}": [1.0]
-                    for lv in ("edges", "nodes")
-                    for r in ("prev", "first", "last")
-                },
-            }
-        )
-    )
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]), layout={"title": {"text": "t"}})
     paths = P.save_figure(fig, tmp_path / "sub" / "churn", formats=("html",))
     assert paths == [tmp_path / "sub" / "churn.html"]
     text = paths[0].read_text()

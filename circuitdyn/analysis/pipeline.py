@@ -9,7 +9,8 @@ itself does not import it.
 
 Analyses that need the model (weight change, head roles) load ``manifest["model_name"]``; when
 the manifest names none or it cannot be loaded, they are skipped with a note. Head roles are
-computed at no more than ``max_checkpoints`` checkpoints (evenly spread, the last included)
+computed at no more than ``max_checkpoints`` (default 40: every checkpoint of the
+replication) checkpoints (evenly spread, the last included)
 plus the initial model. A partial run (stopped before its final evaluation) is analysed up to
 its last committed step, and its notes and key numbers say so
 (`circuitdyn.analysis.runs.RunProgress`).

@@ -230,23 +230,6 @@ def churn_counts(churn: pd.DataFrame, *, window: int = 5) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-__all__ = [
-    "KEY_LABELS",
-    "STEP_AXIS",
-    "STEP_CONVENTION",
-    "churn_counts",
-    "column_shares",
-    "edge_membership",
-    "key_steps",
-    "marked_steps",
-    "mask_near_zero",
-    "run_key_steps",
-    "score_shares",
-    "step_descriptions",
-    "step_score_totals",
-]
-
-
 def step_descriptions(metrics: pd.DataFrame, evals: pd.DataFrame | None = None) -> dict[int, str]:
     """One line per recorded step for figures that show a step at a time: the training-batch
     metric of that step and the latest dev evaluation at or before it, e.g. ``"batch metric
@@ -271,3 +254,20 @@ def step_descriptions(metrics: pd.DataFrame, evals: pd.DataFrame | None = None) 
                 parts.append(f"{text} (evaluated at t={int(last['step'])})")
         lines[step] = " · ".join(parts)
     return lines
+
+
+__all__ = [
+    "KEY_LABELS",
+    "STEP_AXIS",
+    "STEP_CONVENTION",
+    "churn_counts",
+    "column_shares",
+    "edge_membership",
+    "key_steps",
+    "marked_steps",
+    "mask_near_zero",
+    "run_key_steps",
+    "score_shares",
+    "step_descriptions",
+    "step_score_totals",
+]

@@ -45,7 +45,7 @@ def _shared_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=10, help="edges in trajectories (default: 10)")
     p.add_argument("--examples", type=int, default=64, help="examples for head roles (default: 64)")
     p.add_argument(
-        "--max-checkpoints", type=int, default=6, help="checkpoints for head roles (default: 6)"
+        "--max-checkpoints", type=int, default=40, help="checkpoints for head roles (default: 40)"
     )
 
 
