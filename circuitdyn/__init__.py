@@ -26,6 +26,7 @@ from circuitdyn.evaluate import (
 from circuitdyn.graph import Graph, UnsupportedModelError, parse_node
 from circuitdyn.models import load_model, save_model
 from circuitdyn.ownership import POLICIES, ParameterPolicy, count_tunable, parameter_masks
+from circuitdyn.recorder import CircuitRecorder, track_checkpoints
 from circuitdyn.registry import Registry
 from circuitdyn.scores import Scores
 from circuitdyn.selection import SELECTIONS, Selection, select
@@ -46,6 +47,7 @@ __all__ = [
     "TASKS",
     "Batch",
     "Circuit",
+    "CircuitRecorder",
     "Faithfulness",
     "Graph",
     "ParameterPolicy",
@@ -72,5 +74,6 @@ __all__ = [
     "run_with_circuit",
     "save_model",
     "select",
+    "track_checkpoints",
     "tune",
 ]

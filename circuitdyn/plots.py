@@ -2074,3 +2074,180 @@ def _round(value: Any, digits: int) -> Any:
     if isinstance(value, dict):
         return {k: _round(v, digits) for k, v in value.items()}
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Circuit formation: the metric curve above the membership raster sorted by emergence step
+# ---------------------------------------------------------------------------------------------
+FORMATION_IN_CIRCUIT = "#2166ac"
+"""Raster colour of an item in the circuit (the blue of `circuitdyn.plots`)."""
+FORMATION_TRANSITION = "#d95f02"
+FORMATION_ONSET = "#1b9e77"
+FORMATION_CURVE_COLOURS = {
+    "dev_accuracy": "#222222",
+    "faithfulness_masked": "#7570b3",
+    "faithfulness": "#7570b3",
+}
+FORMATION_CURVE_LABELS = {
+    "dev_accuracy": "dev accuracy (fraction)",
+    "faithfulness_masked": "faithfulness (ratio; where defined)",
+    "faithfulness": "faithfulness (ratio)",
+    "dev_metric": "dev metric (logits)",
+}
+
+
+def formation_figure(
+    curve: pd.DataFrame,
+    raster: pd.DataFrame,
+    *,
+    emergence: pd.DataFrame | None = None,
+    metrics: Sequence[str] = ("dev_accuracy", "faithfulness_masked"),
+    transition: int | None = None,
+    near: int | None = None,
+    onset: int | None = None,
+    threshold: float = 0.8,
+    title: str | None = None,
+) -> go.Figure:
+    """The metric curve above the membership raster sorted by emergence step.
+
+    Args:
+        curve: ``step`` and the ``metrics`` columns (e.g. `masked_faithfulness` of the run's
+            evaluations); columns that are absent or all NaN are skipped.
+        raster: item x step table of 0/1 (`emergence_raster`: rows in emergence order, columns
+            the int steps); its index name (``edge`` / ``node``) labels the y axis.
+        emergence: `emergence_steps` of the same items: a marker at each emergence step.
+        transition: the step of the metric's phase transition (a vertical line), with a band of
+            ``near`` steps on either side when given.
+        onset: the step from which faithfulness stays >= ``threshold`` (a dashed line).
+        title: the figure title (default: says what is drawn).
+    """
+    unit = raster.index.name or "item"
+    shown = [m for m in metrics if m in curve.columns and curve[m].notna().any()]
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[0.3, 0.7],
+        vertical_spacing=0.05,
+    )
+    for metric in shown:
+        rows = curve.dropna(subset=[metric]).sort_values("step")
+        fig.add_trace(
+            go.Scatter(
+                x=rows["step"],
+                y=rows[metric],
+                mode="lines",
+                name=FORMATION_CURVE_LABELS.get(metric, metric),
+                line={"color": FORMATION_CURVE_COLOURS.get(metric, "#555"), "width": 2},
+            ),
+            row=1,
+            col=1,
+        )
+    if any(m.startswith("faithfulness") for m in shown):
+        fig.add_hline(y=threshold, line={"color": "#999", "width": 1, "dash": "dot"}, row=1, col=1)
+    fig.update_yaxes(title_text="accuracy / faithfulness", row=1, col=1)
+
+    steps = [int(s) for s in raster.columns]
+    names = [str(name) for name in raster.index]
+    fig.add_trace(
+        go.Heatmap(
+            z=raster.to_numpy(dtype=np.int8),
+            x=steps,
+            y=names,
+            zmin=0,
+            zmax=1,
+            colorscale=[
+                [0.0, "#f4f4f4"],
+                [0.5, "#f4f4f4"],
+                [0.5, FORMATION_IN_CIRCUIT],
+                [1.0, FORMATION_IN_CIRCUIT],
+            ],
+            showscale=False,
+            name=f"{unit} in the circuit",
+            hovertemplate="step %{x}<br>%{y}<br>in circuit %{z}<extra></extra>",
+        ),
+        row=2,
+        col=1,
+    )
+    if emergence is not None:
+        label = emergence.columns[0]
+        marks = emergence[emergence[label].astype(str).isin(names)].dropna(
+            subset=["emergence_step"]
+        )
+        if len(marks):
+            fig.add_trace(
+                go.Scatter(
+                    x=marks["emergence_step"].astype(float),
+                    y=marks[label].astype(str),
+                    mode="markers",
+                    name="emergence step",
+                    marker={"symbol": "line-ns-open", "size": 9, "color": "#111"},
+                    hovertemplate="%{y} emerges at step %{x}<extra></extra>",
+                ),
+                row=2,
+                col=1,
+            )
+    fig.update_yaxes(
+        title_text=f"{unit} (sorted by emergence step)",
+        autorange="reversed",
+        showticklabels=len(names) <= 100,
+        tickmode="array",
+        tickvals=names,
+        tickfont={"size": 9 if len(names) <= 60 else 8},
+        showgrid=False,
+        row=2,
+        col=1,
+    )
+    fig.update_xaxes(title_text=STEP_AXIS, row=2, col=1)
+
+    if transition is not None:
+        if near:
+            fig.add_vrect(
+                x0=transition - near,
+                x1=transition + near,
+                fillcolor=FORMATION_TRANSITION,
+                opacity=0.12,
+                line_width=0,
+                row="all",
+                col=1,
+            )
+        fig.add_vline(
+            x=float(transition),
+            line={"color": FORMATION_TRANSITION, "width": 2},
+            annotation_text=f"steepest rise (t={transition})",
+            annotation_position="top left",
+            annotation_font={"size": 11, "color": FORMATION_TRANSITION},
+            row=1,
+            col=1,
+        )
+        fig.add_vline(
+            x=float(transition), line={"color": FORMATION_TRANSITION, "width": 2}, row=2, col=1
+        )
+    if onset is not None:
+        fig.add_vline(
+            x=float(onset),
+            line={"color": FORMATION_ONSET, "width": 2, "dash": "dash"},
+            annotation_text=f"faithfulness ≥ {threshold:g} (t={onset})",
+            annotation_position="bottom right",
+            annotation_font={"size": 11, "color": FORMATION_ONSET},
+            row=1,
+            col=1,
+        )
+        fig.add_vline(
+            x=float(onset),
+            line={"color": FORMATION_ONSET, "width": 2, "dash": "dash"},
+            row=2,
+            col=1,
+        )
+    default = (
+        f"Circuit formation: task metric and the {len(names)} {unit}s of the circuit by emergence"
+    )
+    fig.update_layout(
+        title={"text": title or default},
+        template="plotly_white",
+        font={"size": 13},
+        height=max(500, min(1300, 300 + 11 * len(names))),
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+        showlegend=True,
+    )
+    return fig

@@ -9,6 +9,11 @@ Everything is seeded: the same seed and settings give the same weights on the sa
 The shipped model was made with::
 
     circuitdyn pretrain --out circuitdyn/assets/default --seed 0
+
+With ``record_every=K`` (``circuitdyn pretrain --record-every K --out RUN``) the agreement
+circuit is recorded every K steps by a `circuitdyn.recorder.CircuitRecorder` into the run
+directory RUN (a `RunStore`, resumable with ``resume=True``), and the model goes to
+``RUN/model``: the same weights, bit for bit, as without recording.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,8 @@ from tqdm import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from circuitdyn.models import default_device, save_model, silence_tl_deprecation
+from circuitdyn.recorder import RECORDER_DEFAULTS, CircuitRecorder
+from circuitdyn.store import RunStore, flatten_state, strip_prefix, unflatten_state
 from circuitdyn.tasks.agreement import DEFAULT_GRAMMAR, AgreementPair, Grammar, iter_pairs
 from circuitdyn.tasks.agreement_tasks import AgreementTask, encode_pairs
 from circuitdyn.tasks.base import Batch, gather_read_logits, lm_loss
@@ -80,11 +90,19 @@ def pretrain(
     device: str | torch.device | None = None,
     progress: bool = True,
     command: str | None = None,
+    record_every: int | None = None,
+    record: Mapping[str, Any] | None = None,
+    save_every: int | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the default model from scratch and write it to `out_dir`.
 
     Args:
-        out_dir: where the model files and ``metrics.json`` go (created if needed).
+        out_dir: where the model files and ``metrics.json`` go (created if needed); with
+            `record_every`, the run directory of the recording, and the model goes to
+            ``out_dir/model``.
         seed: seeds the weights' initialisation and the sentence stream.
         steps, batch_size: optimiser steps and sentences per step.
         lr, warmup, weight_decay: AdamW with linear warmup then cosine decay to 0.
@@ -93,6 +111,22 @@ def pretrain(
         device: None means CUDA if available, else CPU.
         progress: show a tqdm progress bar.
         command: the command line recorded in ``metrics.json``.
+        record_every: record the agreement circuit every this many steps and at the end
+            (`circuitdyn.recorder.CircuitRecorder`); the weights come out the same as without.
+        record: the recorder's `TuningConfig` fields (e.g. ``{"top_n": 40, "method": "eap"}``);
+            the agreement task is built with ``n_eval`` sentence pairs per split unless
+            ``task_options`` says otherwise.
+        save_every: also save the model every this many steps and at the end as
+            ``out_dir/models/step_<8 digits>`` (the weights after that many updates), e.g.
+            for ``circuitdyn track``.
+        checkpoint_every: with `record_every`, save model, optimizer and RNG state in the run
+            every this many steps (and at the end), so that `resume` can continue it; the
+            initial model is kept in ``out_dir/models/step_00000000``, the run's ``model_name``
+            (so the weight and head-role analyses see how the weights moved).
+        resume: continue a recording run from its last checkpoint (same settings); the result
+            is the same as that of an uninterrupted run. Skipping the sentence stream to the
+            checkpoint costs about 10 ms per step done.
+        overwrite: replace an existing recording run (and its ``model/`` and ``models/``).
 
     Returns:
         The held-out metrics (see `heldout_metrics`) plus the training time (``wall_time_s``).
@@ -100,23 +134,67 @@ def pretrain(
     out_dir = Path(out_dir)
     shape = shape or ModelShape()
     device = torch.device(device) if device is not None else default_device()
+    for name, value in (("record_every", record_every), ("save_every", save_every)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    recording = record_every is not None
+    model_dir = out_dir / "model" if recording else out_dir
+    settings = {
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "weight_decay": weight_decay,
+        "shape": asdict(shape),
+        "record_every": record_every,
+    }
+    if recording and overwrite and not resume and (out_dir / "manifest.json").is_file():
+        for name in ("model", "models"):  # ours; the store refuses to delete foreign entries
+            shutil.rmtree(out_dir / name, ignore_errors=True)
     start = time.perf_counter()
 
-    # The model reloads its tokenizer from disk (TransformerLens's set_tokenizer), so save first.
-    tokenizer_dir = save_word_tokenizer(build_word_tokenizer(), out_dir / "tokenizer")
-    tokenizer = load_word_tokenizer(tokenizer_dir)
-    torch.manual_seed(seed)
-    with silence_tl_deprecation():
-        model = HookedTransformer(shape.config(len(tokenizer)), tokenizer=tokenizer)
+    # The model reloads its tokenizer from disk (TransformerLens's set_tokenizer), so save first;
+    # a recording run's directory must be empty until the run is created in it.
+    with tempfile.TemporaryDirectory(prefix="circuitdyn-tokenizer-") as scratch:
+        where = Path(scratch) if recording else model_dir
+        tokenizer_dir = save_word_tokenizer(build_word_tokenizer(), where / "tokenizer")
+        tokenizer = load_word_tokenizer(tokenizer_dir)
+        torch.manual_seed(seed)
+        with silence_tl_deprecation():
+            model = HookedTransformer(shape.config(len(tokenizer)), tokenizer=tokenizer)
     model = model.to(device, print_details=False)
     model.train()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps))
     stream = _train_batches(tokenizer, batch_size, seed=seed, grammar=grammar)
-    bar = tqdm(range(steps), desc="pretrain", disable=not progress, mininterval=1.0)
-    smoothed = None
-    for _ in bar:
+    recorder, first, last_loss, smoothed = None, 0, None, None
+    if record_every is not None:
+        settings["checkpoint_every"] = checkpoint_every
+        recorder = _recorder(out_dir, model, settings, record, resume=resume, overwrite=overwrite)
+        if resume:
+            first, last_loss, smoothed = _resume(recorder, model, optimizer, schedule, device)
+            for _ in range(first):
+                next(stream)
+        if first == 0:
+            save_model(model, _initial_model(out_dir))
+
+    bar = tqdm(
+        range(first, steps),
+        desc="pretrain",
+        disable=not progress,
+        mininterval=1.0,
+        initial=first,
+        total=steps,
+    )
+    for step in bar:
+        if recorder is not None and step % record_every == 0:
+            recorder.record(model, step, _train_metrics(schedule, last_loss, smoothed))
+        if save_every is not None and step % save_every == 0 and not (recording and step == 0):
+            save_model(model, out_dir / "models" / f"step_{step:08d}")
         batch = next(stream).to(device)
         loss = lm_loss(model(batch.clean), batch)
         optimizer.zero_grad(set_to_none=True)
@@ -124,16 +202,24 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        value = loss.item()
-        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
+        last_loss = loss.item()
+        smoothed = last_loss if smoothed is None else 0.98 * smoothed + 0.02 * last_loss
         bar.set_postfix(loss=f"{smoothed:.3f}", refresh=False)
+        if recorder is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            meta = {"loss": last_loss, "smoothed": smoothed}
+            _save_checkpoint(recorder.store, step, model, optimizer, schedule, meta)
+    if recorder is not None:
+        recorder.record(model, steps, _train_metrics(schedule, last_loss, smoothed))
+        recorder.close()
+    if save_every is not None:
+        save_model(model, out_dir / "models" / f"step_{steps:08d}")
     wall_time = time.perf_counter() - start
 
     model.eval()
     metrics = heldout_metrics(model, n=n_eval, seed=seed, grammar=grammar)
     metrics["wall_time_s"] = round(wall_time, 1)
-    save_model(model, out_dir)
-    record = {
+    save_model(model, model_dir)
+    record_json = {
         "command": command or f"circuitdyn pretrain --out {out_dir} --seed {seed} --steps {steps}",
         "heldout": metrics,
         "training": {
@@ -149,10 +235,142 @@ def pretrain(
             "torch_version": torch.__version__,
         },
     }
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    if record_every is not None:
+        record_json["training"]["record_every"] = record_every
+    (model_dir / "metrics.json").write_text(json.dumps(record_json, indent=2) + "\n")
     if progress:
         print(format_metrics(metrics))
     return metrics
+
+
+def _initial_model(out_dir: Path) -> Path:
+    """Where a recording run keeps its initial weights: the reference of the weight and
+    head-role analyses (the run's ``model_name``)."""
+    return (out_dir / "models" / f"step_{0:08d}").resolve()
+
+
+def _recorder(
+    out_dir: Path,
+    model: HookedTransformer,
+    settings: dict[str, Any],
+    record: Mapping[str, Any] | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> CircuitRecorder:
+    """The recorder of a pretraining run: its `TuningConfig` describes the training and the
+    circuit selection (`record`); ``source`` holds the pretraining settings, which a resumed
+    run must share."""
+    options = {
+        "seed": settings["seed"],
+        "steps": settings["steps"],
+        "record_every": settings["record_every"],
+        "eval_every": settings["record_every"],
+        "checkpoint_every": settings["checkpoint_every"],
+        "lr": settings["lr"],
+        "weight_decay": settings["weight_decay"],
+        "warmup_steps": settings["warmup"],
+        "schedule": "cosine",
+        **(record or {}),
+    }
+    if "task_options" not in options:  # the splits the probe set needs, nothing more
+        n = options.get("n_eval", RECORDER_DEFAULTS["n_eval"])
+        options["task_options"] = {"n_train": n, "n_dev": n, "n_test": n}
+    source = {"kind": "pretrain", **settings}
+    recorder = CircuitRecorder(
+        out_dir,
+        model,
+        model_name=str(_initial_model(out_dir)),
+        source=source,
+        resume=resume,
+        overwrite=overwrite,
+        **options,
+    )
+    saved = recorder.store.manifest.get("source", {})
+    if resume and saved != json.loads(json.dumps(source)):
+        changed = sorted(k for k in source if saved.get(k) != source[k])
+        raise ValueError(
+            f"cannot resume {out_dir}: it was pretrained with other settings "
+            f"({', '.join(changed)}); resume with the same settings"
+        )
+    return recorder
+
+
+def _resume(
+    recorder: CircuitRecorder,
+    model: HookedTransformer,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+) -> tuple[int, float | None, float | None]:
+    """Load the run's last usable checkpoint into the training state and forget what was
+    recorded after it; returns the step to continue at and the last and smoothed loss."""
+    last = _resume_checkpoint(recorder.store, recorder.config.record_every)
+    first, loss, smoothed = 0, None, None
+    if last is not None:
+        meta = _load_checkpoint(recorder.store, last, model, optimizer, schedule, device)
+        first, loss, smoothed = last + 1, meta["loss"], meta["smoothed"]
+    recorder.rewind(first)
+    return first, loss, smoothed
+
+
+def _train_metrics(
+    schedule: torch.optim.lr_scheduler.LRScheduler, loss: float | None, smoothed: float | None
+) -> dict[str, float]:
+    """The training metrics a snapshot gets: the learning rate of the next update and, after
+    the first update, the last batch's loss and its running mean (nats/token)."""
+    metrics = {"lr": float(schedule.get_last_lr()[0])}
+    if loss is not None and smoothed is not None:
+        metrics.update(loss=loss, loss_smoothed=smoothed)
+    return metrics
+
+
+def _save_checkpoint(
+    store: RunStore,
+    step: int,
+    model: HookedTransformer,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    meta: dict[str, Any],
+) -> None:
+    """Model, optimizer, schedule and RNG state after update `step` (to resume at step + 1)."""
+    tensors, skeleton = flatten_state(optimizer.state_dict(), "optimizer")
+    tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {**meta, "step": step, "optimizer": skeleton, "schedule": schedule.state_dict()}
+    store.save_checkpoint(step, tensors=tensors, meta=meta)
+
+
+def _load_checkpoint(
+    store: RunStore,
+    step: int,
+    model: HookedTransformer,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Restore what `_save_checkpoint` saved at `step`; returns its meta."""
+    tensors, meta = store.load_checkpoint(step, device=device)
+    model.load_state_dict(strip_prefix(tensors, "model"))
+    optim = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    optimizer.load_state_dict(unflatten_state(optim, meta["optimizer"]))
+    schedule.load_state_dict(meta["schedule"])
+    torch.set_rng_state(tensors["rng.torch"].cpu())
+    return meta
+
+
+def _resume_checkpoint(store: RunStore, record_every: int) -> int | None:
+    """The newest intact checkpoint whose recorded snapshots (every `record_every` steps up to
+    it) are all intact, after removing damaged files with a warning; None if there is none."""
+    check = store.verify()
+    for path, problem in check.damaged:
+        warnings.warn(f"resume: {path} is damaged ({problem}); it is recomputed", stacklevel=3)
+    store.remove_damaged(check)
+    intact = set(check.snapshot_steps)
+    for step in reversed(check.checkpoint_steps):
+        if all(s in intact for s in range(0, step + 1, record_every)):
+            return step
+    return None
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@
 * `timeline`: the step convention, key steps (metric zero crossing, accuracy levels), per-step
   normalised scores, the edge membership raster, entry / exit counts, ratio masks.
 * `seeds`: runs that differ only in their seed, as mean and spread.
+* `formation`: when each edge / node emerges and exits, the order of emergence, the phase
+  transition of the task metric and the circuit changes near it, the faithfulness onset.
 * `weights`: relative weight change per head and MLP at checkpoints (needs the initial model).
 
 Analyses never touch a live trainer, and read a store through its typed views (``store.graph``,
@@ -50,6 +52,20 @@ from circuitdyn.analysis.dynamics import (
     node_score_matrix,
     spread,
     stable_core,
+)
+from circuitdyn.analysis.formation import (
+    FormationTables,
+    PhaseTransition,
+    changes_near,
+    circuit_emergence,
+    circuit_membership,
+    emergence_raster,
+    emergence_steps,
+    faithfulness_onset,
+    formation_summary,
+    formation_tables,
+    masked_faithfulness,
+    phase_transition,
 )
 from circuitdyn.analysis.heads import head_role_changes, head_roles, head_roles_of_model
 from circuitdyn.analysis.runs import (
@@ -104,16 +120,21 @@ __all__ = [
     "STEP_AXIS",
     "STEP_CONVENTION",
     "CircuitSets",
+    "FormationTables",
     "IntrinsicDimension",
+    "PhaseTransition",
     "RunProgress",
     "attributed_steps",
     "block_changes",
+    "changes_near",
     "changing_edges",
     "checkpoint_parameters",
     "churn",
     "churn_counts",
+    "circuit_emergence",
     "circuit_evolution",
     "circuit_from_checkpoint",
+    "circuit_membership",
     "circuit_sizes",
     "circuit_tables",
     "column_shares",
@@ -125,9 +146,14 @@ __all__ = [
     "edge_presence",
     "edge_trajectories",
     "edge_trends",
+    "emergence_raster",
+    "emergence_steps",
     "evals_by_step",
+    "faithfulness_onset",
     "final_evals",
     "final_weight_changes",
+    "formation_summary",
+    "formation_tables",
     "group_stores",
     "head_role_changes",
     "head_roles",
@@ -139,6 +165,7 @@ __all__ = [
     "linear_trend",
     "marked_steps",
     "mask_near_zero",
+    "masked_faithfulness",
     "membership_flows",
     "model_at",
     "node_events",
@@ -149,6 +176,7 @@ __all__ = [
     "over_seeds",
     "phase_membership",
     "phase_steps",
+    "phase_transition",
     "rank_changes",
     "run_group",
     "run_key_steps",

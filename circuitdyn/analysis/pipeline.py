@@ -248,7 +248,12 @@ def key_numbers(result: RunAnalysis, core_fraction: float = 0.9) -> dict[str, An
 # ---------------------------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------------------------
+RECORDING = "circuitdyn.recording"  # the manifest kind of runs made by `CircuitRecorder`
+
 FIGURE_CAPTIONS: dict[str, str] = {
+    "formation": "How the circuit forms: the task metric above the circuit's edges sorted by the "
+    "step they enter for good. Look for the edges that enter near the jump (shaded) and for "
+    "when faithfulness passes 0.8.",
     "training": "Loss and task metric per step. Look for where the dev metric crosses 0 "
     "(dotted line): the model starts to prefer the target verb.",
     "circuit_key_steps": "The circuit at the key steps (initial, dev metric crossing 0, dev "
@@ -325,6 +330,18 @@ def run_figures(result: RunAnalysis, *, progress: bool = False) -> dict[str, go.
         first, last = store.steps[0], store.steps[-1]
         return P.circuit_diff_graph(*A.circuit_tables(store, first), *A.circuit_tables(store, last))
 
+    def formation() -> go.Figure:
+        tables = A.formation_tables(store)
+        step = None if tables.transition is None else tables.transition.step
+        return P.formation_figure(
+            tables.curve,
+            tables.raster,
+            emergence=tables.emergence,
+            transition=step,
+            onset=tables.onset,
+            title=f"Circuit formation: {label}",
+        )
+
     roles = t.get("head_roles")
     # (figure, the table it needs: skipped when that is absent or empty, builder)
     specs: list[tuple[str, str, Callable[[], go.Figure]]] = [
@@ -336,6 +353,7 @@ def run_figures(result: RunAnalysis, *, progress: bool = False) -> dict[str, go.
             ),
         ),
         ("circuit_key_steps", "key_steps", key_circuits),
+        *([("formation", "evals", formation)] if store.manifest.get("kind") == RECORDING else []),
         ("circuit_explorer", "sizes", explorer),
         ("circuit_diff", "sizes", diff),
         ("sizes", "sizes", lambda: P.size_figure(t["sizes"], keys=keys)),

@@ -13,11 +13,11 @@ import argparse
 import sys
 import warnings
 
-from circuitdyn.cli import experiments, runs, scores, tune
+from circuitdyn.cli import experiments, formation, runs, scores, tune
 from circuitdyn.cli.common import CliError, UserErrors, one_line
 from circuitdyn.store import StoreLockedError
 
-_MODULES = (scores, tune, runs, experiments)
+_MODULES = (scores, tune, runs, experiments, formation)
 
 
 def build_parser() -> argparse.ArgumentParser:

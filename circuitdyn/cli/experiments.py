@@ -8,9 +8,12 @@ import os
 import shlex
 from pathlib import Path
 
-from circuitdyn.cli.common import CliError, check_writable
+from circuitdyn.activations import ABLATIONS
+from circuitdyn.attribution import METHODS
+from circuitdyn.cli.common import CliError, check_output_dir, check_writable, choices_help
 from circuitdyn.pretrain import pretrain
 from circuitdyn.replicate import replicate
+from circuitdyn.selection import SELECTIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "pretrain",
         help="pretrain the embedded agreement-language model from scratch",
         description="Train the embedded model's architecture on the agreement language from a "
-        "seeded random initialisation and save it with its tokenizer and held-out metrics.",
+        "seeded random initialisation and save it with its tokenizer and held-out metrics. With "
+        "--record-every K the agreement circuit is recorded every K steps: OUT is then a run "
+        "directory (for analyze / report) and the model goes to OUT/model, with the same "
+        "weights as without recording.",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed (default: 0)")
@@ -51,6 +57,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--n-eval", type=int, default=2000, help="held-out sentence pairs measured (default: 2000)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator)")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        help="also save the model every N steps as OUT/models/step_<N> (for `circuitdyn track`)",
+    )
+    group = p.add_argument_group("recording the circuit while it forms")
+    group.add_argument(
+        "--record-every", type=int, default=None, help="record the circuit every K steps"
+    )
+    group.add_argument("--top-n", type=int, default=40, help="circuit size (default: 40)")
+    group.add_argument(
+        "--selection",
+        default="top_edges",
+        choices=SELECTIONS.names(),
+        help=choices_help(SELECTIONS),
+    )
+    group.add_argument(
+        "--method", default="eap", choices=METHODS.names(), help=choices_help(METHODS)
+    )
+    group.add_argument(
+        "--ablation", default=None, choices=ABLATIONS.names(), help="default: corrupted"
+    )
+    group.add_argument(
+        "--n-probe", type=int, default=32, help="held-out probe examples (default: 32)"
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="resumable checkpoints in OUT every N steps (default: 500)",
+    )
+    group.add_argument("--resume", action="store_true", help="continue a killed recording run")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run")
     p.set_defaults(func=_pretrain)
 
 
@@ -67,14 +107,38 @@ def _replicate(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    check_writable(args.out)
+    recording = args.record_every is not None
+    if recording:
+        check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+        args.resume_hint = "run the same command with --resume to continue"
+    else:
+        if args.resume or args.overwrite:
+            raise CliError("--resume and --overwrite apply to recording runs: add --record-every")
+        check_writable(args.out)
     # Tiny models train faster on one thread than on several contending ones; record the
     # setting when the caller chose it, so that the command reproduces the run.
     threads = os.environ.get("OMP_NUM_THREADS")
     command = f"OMP_NUM_THREADS={threads} " if threads else ""
     argv = ["circuitdyn", "pretrain", "--out", str(args.out), "--seed", str(args.seed)]
     argv += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    command += shlex.join([*argv, "--lr", str(args.lr), "--n-eval", str(args.n_eval)])
-    options = ("seed", "steps", "batch_size", "lr", "n_eval", "device")
-    pretrain(args.out, command=command, **{name: getattr(args, name) for name in options})
+    argv += ["--lr", str(args.lr), "--n-eval", str(args.n_eval)]
+    options = ("seed", "steps", "batch_size", "lr", "n_eval", "device", "save_every")
+    kwargs = {name: getattr(args, name) for name in options}
+    if recording:
+        argv += ["--record-every", str(args.record_every), "--top-n", str(args.top_n)]
+        argv += ["--selection", args.selection, "--method", args.method]
+        argv += ["--ablation", args.ablation] if args.ablation else []
+        argv += ["--n-probe", str(args.n_probe)]
+        record = {"top_n": args.top_n, "selection": args.selection, "method": args.method}
+        record.update(ablation=args.ablation, n_eval=args.n_probe)
+        kwargs.update(
+            record_every=args.record_every,
+            record=record,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    pretrain(args.out, command=command + shlex.join(argv), **kwargs)
+    if recording:
+        print(f"model: {args.out / 'model'}; circuits: circuitdyn report {args.out}")
     return 0
