@@ -1628,7 +1628,10 @@ def intrinsic_dimension_figure(
             line={"dash": "dash", "color": NEGATIVE},
             annotation_text=f"n = {saturation_n}",
         )
-    fig.update_xaxes(type="log")
+    # An explicit range: a vline on a log axis otherwise stretches autorange to 10**x.
+    sizes = curve["top_n"].astype(float)
+    span = [math.log10(sizes.min() / 1.3), math.log10(sizes.max() * 1.3)]
+    fig.update_xaxes(type="log", range=span)
     fig.update_yaxes(title_text=_label(metric), secondary_y=False)
     return _finish(fig, title, "circuit size top_n (edges, log scale)")
 
