@@ -230,7 +230,7 @@ def test_empty_store_reads_as_empty(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- writing rules and resume
 
 
-def test_append_rejects_bad_input(tmp_path: Path) -> None:
+def test_append_rejects_bad_input(tmp_path: Path, no_typecheck: None) -> None:
     store = create_small(tmp_path / "run")
     good = make_step(0, store.edge_valid, 8)
     store.append(5, **good)
