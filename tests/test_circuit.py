@@ -5,27 +5,21 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from circuitdyn.circuit import (
-    Circuit,
+from circuitdyn.circuit import Circuit, jaccard_edges, jaccard_nodes
+from circuitdyn.graph import Graph
+from circuitdyn.optim import restrict_gradients
+from circuitdyn.ownership import (
     ParameterPolicy,
     ParamKind,
     classify_parameter,
     count_tunable,
-    jaccard_edges,
-    jaccard_nodes,
-    mask_gradients,
     parameter_masks,
 )
-from circuitdyn.graph import Graph
 from circuitdyn.scores import Scores
-
-warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
 # Graph(1 layer, 2 heads, MLP): its 13 edges in edge_names order, with handmade scores. Ties:
 # |0.3| twice (indices 4 and 10) and |0.1| twice (indices 2 and 11).
@@ -53,29 +47,6 @@ def small_scores() -> Scores:
     for name, value in SMALL_SCORES.items():
         edges[graph.edge_index(name)] = value
     return Scores(graph, edges)
-
-
-def tiny_model(**overrides) -> HookedTransformer:
-    settings = dict(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        n_ctx=16,
-        d_vocab=20,
-        act_fn="gelu",
-        normalization_type="LN",
-        dtype=torch.float64,
-        seed=0,
-    )
-    settings.update(overrides)
-    model = HookedTransformer(HookedTransformerConfig(**settings))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.3 if param.ndim > 1 else 0.1, generator=generator)
-    return model
 
 
 # ---- selection -------------------------------------------------------------------------------
@@ -219,7 +190,7 @@ def test_set_operations_and_jaccard():
         _ = a | Circuit.empty(Graph(1, 3))
 
 
-def test_validation():
+def test_validation(no_typecheck):
     graph = Graph(1, 2)
     bad = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     bad[graph.src_index("m0"), graph.dst_index("a0.h0<q>")] = True
@@ -237,7 +208,10 @@ def test_json_round_trip(tmp_path):
     path = tmp_path / "circuit.json"
     circuit.to_json(path)
     payload = json.loads(path.read_text())
-    assert payload["cfg"] == {"n_layers": 2, "n_heads": 3, "has_mlp": False}
+    # EAP-IG's graph-file cfg: an attention-only model of 2 layers of 3 heads.
+    cfg = payload["cfg"]
+    assert (cfg["n_layers"], cfg["n_heads"], cfg["attn_only"]) == (2, 3, True)
+    assert {e for e, v in payload["edges"].items() if v["in_graph"]} == set(circuit.edges)
     loaded = Circuit.from_json(path)
     assert loaded == circuit and loaded.graph == graph
     # EAP-IG / MIB graph files: edges map name -> {"in_graph": ...}.
@@ -260,8 +234,7 @@ PARAM_CIRCUIT = [
 ]
 
 
-def test_count_tunable_by_hand():
-    model = tiny_model()
+def test_count_tunable_by_hand(model):
     circuit = Circuit.from_edges(Graph.from_model(model), PARAM_CIRCUIT)
     assert count_tunable(model, circuit) == 264 + 264 + 256 + 4192 + 264
     # ln1.0 + ln1.1 + ln2.1 + ln_final (weight and bias, 2*32 each)
@@ -278,8 +251,7 @@ def test_count_tunable_by_hand():
     assert count_tunable(model, Circuit.empty(Graph.from_model(model)), everything) == 0
 
 
-def test_parameter_masks_slices():
-    model = tiny_model()
+def test_parameter_masks_slices(model):
     masks = parameter_masks(model, Circuit.from_edges(Graph.from_model(model), PARAM_CIRCUIT))
     assert set(masks) == {name for name, _ in model.named_parameters()}
     for name, param in model.named_parameters():
@@ -297,14 +269,13 @@ def test_parameter_masks_slices():
     assert "embed.W_E" not in sparse and "blocks.0.attn.W_Q" in sparse
 
 
-def test_masks_freeze_gradient_updates():
-    model = tiny_model()
+def test_masks_freeze_gradient_updates(model):
     circuit = Circuit.from_edges(Graph.from_model(model), PARAM_CIRCUIT)
     masks = parameter_masks(model, circuit)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     tokens = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(0))
     model(tokens, return_type="loss").backward()
-    mask_gradients(model, masks)
+    restrict_gradients(dict(model.named_parameters()), masks)
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     changed = 0
     for name, param in model.named_parameters():
@@ -314,12 +285,12 @@ def test_masks_freeze_gradient_updates():
     assert 0 < changed <= count_tunable(model, circuit)
 
 
-def test_grouped_query_attention_rows_are_shared():
-    model = tiny_model(
+def test_grouped_query_attention_rows_are_shared(make_tiny_model):
+    model = make_tiny_model(
         n_layers=1,
         n_key_value_heads=2,
         ungroup_grouped_query_attention=True,
-        normalization_type="RMS",
+        normalization="RMS",
         gated_mlp=True,
         act_fn="silu",
     )

@@ -3,20 +3,18 @@ invariance, faithfulness, curves, CPR / CMD and the CLI."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import types
 import warnings
 
 import einops
 import numpy as np
 import pandas as pd
 import pytest
+import tl_reference as ref
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
-from circuitdyn.activations import Ablation, mean_activations
+from circuitdyn.activations import mean_activations
 from circuitdyn.attribution import attribute
 from circuitdyn.circuit import Circuit
 from circuitdyn.evaluate import (
@@ -27,66 +25,29 @@ from circuitdyn.evaluate import (
     evaluate_circuits,
     faithfulness,
     faithfulness_curve,
-    register_cli,
     run_with_circuit,
 )
 from circuitdyn.graph import Graph
 from circuitdyn.tasks.base import Batch, logit_diff
 
-warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
-VOCAB, POS = 20, 8
-
-
-def tiny_model(seed: int = 0) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        n_ctx=16,
-        d_vocab=VOCAB,
-        act_fn="gelu",
-        normalization_type="LN",
-        dtype=torch.float64,
-        seed=seed,
-    )
-    model = HookedTransformer(cfg)
-    generator = torch.Generator().manual_seed(seed)
+def independent_metrics(model, batch, circuit: Circuit) -> tuple[float, float, float]:
+    """m(full), m(empty) and m(circuit) (means of the logit difference, corrupted ablation)
+    without circuitdyn: the clean run, the corrupted run, and the circuit run rebuilt with
+    TransformerLens's split inputs (tests/tl_reference.py)."""
+    corrupted = ref.source_activations(model, batch.corrupted)
+    logits = ref.circuit_logits(model, batch.clean, corrupted, circuit.edges, batch.attention_mask)
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.3 if param.ndim > 1 else 0.1, generator=generator)
-    return model
-
-
-def make_batch(n: int = 6, seed: int = 0, pad_first: bool = False) -> Batch:
-    generator = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, VOCAB, (n, POS), generator=generator)
-    corrupted = clean.clone()
-    # A different token at position 2 (never the same, so every example is informative).
-    corrupted[:, 2] = (clean[:, 2] + torch.randint(1, VOCAB, (n,), generator=generator)) % VOCAB
-    target = torch.randint(0, VOCAB, (n, 1), generator=generator)
-    foil = (target + torch.randint(1, VOCAB, (n, 1), generator=generator)) % VOCAB
-    mask = torch.ones(n, POS, dtype=torch.bool)
-    read = torch.full((n, 1), POS - 1)
-    if pad_first:  # example 0 has 6 real tokens, read at its last one
-        mask[0, 6:] = False
-        read[0, 0] = 5
-    return Batch(
-        clean=clean,
-        corrupted=corrupted,
-        attention_mask=mask,
-        read_pos=read,
-        target=target,
-        foil=foil,
-    )
+        full = logit_diff(model(batch.clean), batch)
+        empty = logit_diff(model(batch.corrupted), batch)
+    return float(full.mean()), float(empty.mean()), float(logit_diff(logits, batch).mean())
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model = tiny_model()
-    return model, Graph.from_model(model), make_batch()
+def setup(make_tiny_model, make_tiny_batch):
+    """The default tiny model and an unpadded batch of 6 (every example read at position 7)."""
+    model = make_tiny_model()
+    return model, Graph.from_model(model), make_tiny_batch(6, pad_first=0)
 
 
 def source_activations(model: HookedTransformer, cache) -> torch.Tensor:
@@ -110,7 +71,7 @@ def test_full_circuit_is_the_clean_run(setup):
 
 def test_empty_circuit_corrupted_is_the_corrupted_run(setup):
     model, graph, batch = setup
-    logits = run_with_circuit(model, graph, Circuit.empty(graph), batch, Ablation.CORRUPTED)
+    logits = run_with_circuit(model, graph, Circuit.empty(graph), batch, "corrupted")
     torch.testing.assert_close(logits, model(batch.corrupted), rtol=0, atol=1e-10)
 
 
@@ -118,17 +79,17 @@ def test_empty_circuit_zero_ablation_reads_only_the_output_biases(setup):
     # With every edge zero-ablated, logits read residual - (all sources) = the sum of the
     # attention output biases b_O (which belong to no node), at every position.
     model, graph, batch = setup
-    logits = run_with_circuit(model, graph, Circuit.empty(graph), batch, Ablation.ZERO)
+    logits = run_with_circuit(model, graph, Circuit.empty(graph), batch, "zero")
     residual = sum(block.attn.b_O for block in model.blocks)
     expected = model.unembed(model.ln_final(residual.expand(*batch.clean.shape, -1)))
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
 
 
-def test_empty_circuit_mean_ablation_reads_the_means(setup):
+def test_empty_circuit_mean_ablation_reads_the_means(setup, make_tiny_batch):
     model, graph, batch = setup
-    reference = [make_batch(5, seed=3)]
+    reference = [make_tiny_batch(5, seed=3, pad_first=0)]
     means = mean_activations(model, graph, reference)  # [n_src, 1, d_model]
-    logits = run_with_circuit(model, graph, Circuit.empty(graph), batch, Ablation.MEAN, means)
+    logits = run_with_circuit(model, graph, Circuit.empty(graph), batch, "mean", means)
     residual = sum(block.attn.b_O for block in model.blocks) + means[:, 0].sum(0)
     expected = model.unembed(model.ln_final(residual.expand(*batch.clean.shape, -1)))
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
@@ -157,9 +118,9 @@ def test_removed_logit_and_mlp_edges_match_an_independent_computation(setup):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
 
 
-def test_batch_split_invariance(setup):
+def test_batch_split_invariance(setup, make_tiny_batch):
     model, graph, _ = setup
-    batch = make_batch(6, seed=1, pad_first=True)
+    batch = make_tiny_batch(6, seed=1)  # example 0 has 6 real tokens, read at position 5
     scores = attribute(model, graph, [batch], method="eap")
     circuit = Circuit.top_edges(scores, 30)
     whole = faithfulness(model, graph, circuit, [batch])
@@ -169,7 +130,10 @@ def test_batch_split_invariance(setup):
     torch.testing.assert_close(halves.metric_circuit, whole.metric_circuit, rtol=0, atol=1e-10)
     torch.testing.assert_close(halves.metric_empty, whole.metric_empty, rtol=0, atol=1e-10)
     assert halves.value == pytest.approx(whole.value, abs=1e-10)
-    assert halves.m_circuit == pytest.approx(float(whole.metric_circuit.mean()), abs=1e-12)
+    m_full, m_empty, m_circuit = independent_metrics(model, batch, circuit)
+    assert whole.m_full == pytest.approx(m_full, abs=1e-10)
+    assert whole.m_empty == pytest.approx(m_empty, abs=1e-10)
+    assert halves.m_circuit == pytest.approx(m_circuit, abs=1e-10)
 
 
 # ---- faithfulness ----------------------------------------------------------------------------
@@ -188,12 +152,18 @@ def test_faithfulness_headline_is_the_ratio_of_means(setup):
     model, graph, batch = setup
     circuit = Circuit.top_edges(attribute(model, graph, [batch]), 20)
     result = faithfulness(model, graph, circuit, [batch])
-    expected = (result.m_circuit - result.m_empty) / (result.m_full - result.m_empty)
-    assert result.value == pytest.approx(expected, rel=1e-12)
-    ratios = (result.metric_circuit - result.metric_empty) / (
-        result.metric_full - result.metric_empty
-    )
-    assert result.mean_of_ratios == pytest.approx(float(ratios.mean()), rel=1e-12)
+    m_full, m_empty, m_circuit = independent_metrics(model, batch, circuit)
+    assert abs(m_full - m_empty) > 1e-4  # a well-defined ratio (float64 numbers)
+    assert result.value == pytest.approx((m_circuit - m_empty) / (m_full - m_empty), rel=1e-9)
+    assert 0.05 < abs(result.value - 1) and 0.05 < abs(result.value)  # neither extreme
+    # Per example: the clean run, the corrupted run and the independent circuit run.
+    corrupted = ref.source_activations(model, batch.corrupted)
+    with torch.no_grad():
+        full = logit_diff(model(batch.clean), batch)
+        empty = logit_diff(model(batch.corrupted), batch)
+    kept = logit_diff(ref.circuit_logits(model, batch.clean, corrupted, circuit.edges), batch)
+    ratios = (kept - empty) / (full - empty)
+    assert result.mean_of_ratios == pytest.approx(float(ratios.mean()), rel=1e-9)
 
 
 def test_degenerate_denominator_warns_with_the_numbers(setup):
@@ -238,18 +208,24 @@ def test_faithfulness_curve(setup):
     scores = attribute(model, graph, [batch])
     curve = faithfulness_curve(model, graph, scores, [batch])
     assert list(curve["fraction"]) == list(MIB_GRID)
-    n = graph.n_edges  # 110
-    assert list(curve["n_selected"]) == [int(f * n + 1e-9) for f in MIB_GRID]
+    # 2 layers x 4 heads: 3*4*1 + 3*4*6 q/k/v edges, 5 + 10 into the MLPs, 11 into logits.
+    n = graph.n_edges
+    assert n == 110
+    # MIB's sizes: floor(fraction * n) = 0, 0, 0, 1, 2, 5, 11, 22, 55, 110 edges.
+    assert list(curve["n_selected"]) == [0, 0, 0, 1, 2, 5, 11, 22, 55, 110]
     assert curve["faithfulness"].iloc[-1] == 1.0
     assert curve["faithfulness"].iloc[0] == 0.0  # 0 edges selected
     assert (curve["n_edges"] <= curve["n_selected"]).all()  # pruning only removes edges
-    reference = faithfulness(model, graph, Circuit.empty(graph), [batch])
-    assert curve.attrs["m_full"] == pytest.approx(reference.m_full, abs=1e-12)
-    assert curve.attrs["m_empty"] == pytest.approx(reference.m_empty, abs=1e-12)
-    # Each point equals the faithfulness of the same circuit evaluated alone.
-    circuit = Circuit.top_edges(scores, int(curve["n_selected"].iloc[7])).prune()
-    alone = faithfulness(model, graph, circuit, [batch])
-    assert curve["faithfulness"].iloc[7] == pytest.approx(alone.value, abs=1e-10)
+    # Each point against the independent circuit run of the same circuit: the top 22 edges
+    # by |score|, pruned.
+    top = scores.flat().abs().argsort(descending=True, stable=True)[:22].tolist()
+    circuit = Circuit.from_edges(graph, [graph.edge_names[i] for i in top]).prune()
+    assert int(curve["n_edges"].iloc[7]) == circuit.n_edges
+    m_full, m_empty, m_circuit = independent_metrics(model, batch, circuit)
+    assert curve.attrs["m_full"] == pytest.approx(m_full, abs=1e-10)
+    assert curve.attrs["m_empty"] == pytest.approx(m_empty, abs=1e-10)
+    expected = (m_circuit - m_empty) / (m_full - m_empty)
+    assert curve["faithfulness"].iloc[7] == pytest.approx(expected, abs=1e-9)
     greedy = faithfulness_curve(
         model, graph, scores, [batch], fractions=(0.1, 0.5, 1.0), selection="greedy"
     )
@@ -280,42 +256,47 @@ def test_cpr_and_cmd_of_known_curves():
 
 
 # ---- CLI -------------------------------------------------------------------------------------
-def test_cli_writes_curve_json(setup, tmp_path, monkeypatch, capsys):
+def test_cli_writes_curve_json(setup, make_tiny_batch, tmp_path, monkeypatch, capsys):
+    import circuitdyn.cli.common
+    from circuitdyn.cli import main
+
     model, graph, batch = setup
     scores_path = tmp_path / "scores.json"
     attribute(model, graph, [batch]).to_json(scores_path)
+    data = make_tiny_batch(12, seed=5)
 
     class FakeTask:
         name = "fake"
 
         def batches(self, split, batch_size, *, seed=0):
             for start in range(0, 12, batch_size):
-                yield make_batch(12, seed=5).select(slice(start, start + batch_size))
+                yield data.select(slice(start, start + batch_size))
 
         def metric(self, logits, batch):
             return logit_diff(logits, batch)
 
-    monkeypatch.setitem(
-        sys.modules,
-        "circuitdyn.models",
-        types.SimpleNamespace(load_model=lambda name, device=None, dtype=None: model),
-    )
-    import circuitdyn.tasks
+        def loss(self, logits, batch):
+            raise AssertionError("evaluate never trains")
 
-    monkeypatch.setattr(circuitdyn.tasks, "load_task", lambda name, model, **kw: FakeTask())
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers())
+    monkeypatch.setattr(circuitdyn.cli.common, "load_model", lambda name, **kw: model)
+    monkeypatch.setattr(circuitdyn.cli.common, "load_task", lambda name, model, **kw: FakeTask())
     out = tmp_path / "curve.json"
-    args = parser.parse_args(
-        [
-            *("evaluate", "--scores", str(scores_path), "--model", "tiny", "--task", "fake"),
-            *("--n-examples", "10", "--batch-size", "4", "--device", "cpu", "--out", str(out)),
-        ]
-    )
-    assert args.func(args) == 0
+    argv = ["evaluate", "--scores", str(scores_path), "--task", "agreement"]
+    argv += ["--n-examples", "10", "--batch-size", "4", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
     payload = json.loads(out.read_text())
     assert payload["n_examples"] == 10
     assert len(payload["curve"]) == len(MIB_GRID)
     assert payload["curve"][-1]["faithfulness"] == 1.0
-    assert 0 <= payload["cmd"] and np.isfinite(payload["cpr"])
+    # The numbers of the first 10 examples (3 batches of 4, 4, 2), computed directly.
+    first = data.select(slice(0, 10))
+    with torch.no_grad():
+        assert payload["m_full"] == pytest.approx(
+            float(logit_diff(model(first.clean), first).mean())
+        )
+        assert payload["m_empty"] == pytest.approx(
+            float(logit_diff(model(first.corrupted), first).mean())
+        )
+    curve = pd.DataFrame(payload["curve"])
+    assert payload["cpr"] == pytest.approx(np.trapezoid(curve["faithfulness"], curve["fraction"]))
     assert "CPR" in capsys.readouterr().out
