@@ -23,9 +23,9 @@ from circuitdyn.activations import mean_activations
 from circuitdyn.attribution import attribute
 from circuitdyn.cli import main
 from circuitdyn.evaluate import faithfulness
-from circuitdyn.plots import formation_figure
 from circuitdyn.graph import Graph
 from circuitdyn.models import load_model
+from circuitdyn.plots import formation_figure
 from circuitdyn.pretrain import pretrain
 from circuitdyn.recorder import (
     RECORDING_KIND,
