@@ -219,24 +219,15 @@ def pretrain(
     metrics = heldout_metrics(model, n=n_eval, seed=seed, grammar=grammar)
     metrics["wall_time_s"] = round(wall_time, 1)
     save_model(model, model_dir)
+    training = {key: value for key, value in settings.items() if value is not None}
+    training.update(
+        device=str(device), torch_threads=torch.get_num_threads(), torch_version=torch.__version__
+    )
     record_json = {
         "command": command or f"circuitdyn pretrain --out {out_dir} --seed {seed} --steps {steps}",
         "heldout": metrics,
-        "training": {
-            "seed": seed,
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "warmup": warmup,
-            "weight_decay": weight_decay,
-            "shape": asdict(shape),
-            "device": str(device),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-        },
+        "training": training,
     }
-    if record_every is not None:
-        record_json["training"]["record_every"] = record_every
     (model_dir / "metrics.json").write_text(json.dumps(record_json, indent=2) + "\n")
     if progress:
         print(format_metrics(metrics))
