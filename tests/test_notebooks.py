@@ -15,7 +15,9 @@ from pathlib import Path
 import ipykernel  # noqa: F401  (provides the python3 kernel the notebooks run in)
 import nbclient
 import nbformat
+import plotly.graph_objects as go
 import pytest
+from figure_check import check_figure
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(path.name for path in NOTEBOOK_DIR.glob("*.ipynb"))
@@ -27,6 +29,7 @@ EXPECTED = [
 ]
 NEEDS_REPLICATION = {"03_validation_experiment.ipynb"}
 CELL_TIMEOUT_S = 300
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
 
 def test_every_notebook_is_known():
@@ -72,3 +75,14 @@ def test_notebook_runs(name, monkeypatch, request):
         if output.output_type == "error"
     ]
     assert not errors
+    # Every figure the notebook shows passes the figure check (finite data, titled axes).
+    figures = [
+        output["data"][PLOTLY_MIME]
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if PLOTLY_MIME in output.get("data", {})
+    ]
+    assert figures, f"{name} showed no figure"
+    for index, figure in enumerate(figures):
+        check_figure(go.Figure(figure), f"{name} figure {index}")
