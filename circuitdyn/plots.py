@@ -2254,3 +2254,269 @@ def formation_figure(
         showlegend=True,
     )
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# forgetting against target performance (`circuitdyn.analysis.pareto`)
+# ---------------------------------------------------------------------------------------------
+PARETO_LABELS = {
+    "general_loss_change": "Δ held-out LM loss (nats, ↑ = more forgetting)",
+    "capability_accuracy_change": "Δ held-out capability accuracy (fraction, ↓ = more forgetting)",
+    "target_accuracy": "target-task dev accuracy (fraction)",
+    "target_metric": "target-task dev metric: logit(target) − logit(foil) (logits)",
+    "tunable_fraction": "tunable fraction of parameters (0–1)",
+}
+PARETO_SHORT = {
+    "general_loss_change": "Δ LM loss",
+    "capability_accuracy_change": "Δ capability accuracy",
+    "target_accuracy": "target accuracy",
+    "target_metric": "target metric",
+}
+"""Axis titles (with units and the direction of forgetting) of the Pareto figures."""
+
+
+STRATEGY_COLOURS = {
+    "circuit": "#1f77b4",
+    "circuit-paper": "#17becf",
+    "fixed": "#2ca02c",
+    "random": "#7f7f7f",
+    "gradient": "#9467bd",
+    "lora": "#ff7f0e",
+    "full": "#d62728",
+}
+"""One colour per tuning strategy, the same in every Pareto figure (others: the palette)."""
+
+
+def _strategy_colours(strategies: Sequence[str]) -> dict[str, str]:
+    """Colours of `strategies`: `STRATEGY_COLOURS`, then unused palette colours in order."""
+    spare = [c for c in _palette() if c not in STRATEGY_COLOURS.values()]
+    out: dict[str, str] = {}
+    for strategy in strategies:
+        if strategy in STRATEGY_COLOURS:
+            out[strategy] = STRATEGY_COLOURS[strategy]
+        else:
+            out[strategy] = spare[len([s for s in out if s not in STRATEGY_COLOURS]) % len(spare)]
+    return out
+
+
+def _error(high: pd.Series, low: pd.Series, mean: pd.Series) -> dict[str, Any]:
+    """An asymmetric error-bar spec from interval bounds (no bar where a bound is NaN)."""
+    plus = (high - mean).fillna(0.0).to_numpy(dtype=float)
+    minus = (mean - low).fillna(0.0).to_numpy(dtype=float)
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": plus,
+        "arrayminus": minus,
+        "thickness": 1.2,
+        "width": 3,
+    }
+
+
+def pareto_figure(
+    fronts: pd.DataFrame,
+    matched: pd.DataFrame | None = None,
+    *,
+    x: str = "general_loss_change",
+    y: str = "target_accuracy",
+    title: str | None = None,
+) -> go.Figure:
+    """Target performance against forgetting per strategy, from a `strategy_fronts` table.
+
+    One colour per strategy: every (lr, step) point (the mean over seeds) as a faint marker,
+    and the strategy's Pareto front (``on_front``) as a line with markers and error bars on both
+    axes (the table's ``*_low`` / ``*_high`` intervals over seeds; none with one seed). Hover:
+    strategy, lr, step, number of seeds, both values with their intervals. With `matched` (a
+    `matched_points` table), a dashed horizontal line at its ``level``."""
+    fig = go.Figure()
+    strategies = list(dict.fromkeys(fronts["strategy"]))
+    colours = _strategy_colours(strategies)
+    x_label, y_label = PARETO_LABELS.get(x, x), PARETO_LABELS.get(y, y)
+    columns = ["lr", "step", "n", f"{x}_low", f"{x}_high", f"{y}_low", f"{y}_high"]
+    values = (
+        "lr %{customdata[0]:.3g}, step %{customdata[1]}, %{customdata[2]} seeds<br>"
+        f"{x}: %{{x:.4g}} [%{{customdata[3]:.3g}}, %{{customdata[4]:.3g}}]<br>"
+        f"{y}: %{{y:.4g}} [%{{customdata[5]:.3g}}, %{{customdata[6]:.3g}}]<extra></extra>"
+    )
+    for strategy in strategies:
+        hover = f"<b>{strategy}</b><br>" + values
+        rows = fronts[(fronts["strategy"] == strategy)].dropna(subset=[x, y])
+        if rows.empty:
+            continue
+        colour = colours[strategy]
+        fig.add_trace(
+            go.Scatter(
+                x=rows[x],
+                y=rows[y],
+                mode="markers",
+                marker={"color": colour, "size": 6, "opacity": 0.25},
+                name=f"{strategy}: every lr and step",
+                legendgroup=str(strategy),
+                showlegend=False,
+                customdata=rows[columns].to_numpy(dtype=float),
+                hovertemplate=hover,
+            )
+        )
+        front = rows[rows["on_front"].astype(bool)].sort_values([x, y])
+        if front.empty:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=front[x],
+                y=front[y],
+                mode="lines+markers",
+                marker={"color": colour, "size": 8},
+                line={"color": colour, "width": 2},
+                error_x={
+                    **_error(front[f"{x}_high"], front[f"{x}_low"], front[x]),
+                    "color": colour,
+                },
+                error_y={
+                    **_error(front[f"{y}_high"], front[f"{y}_low"], front[y]),
+                    "color": colour,
+                },
+                name=str(strategy),
+                legendgroup=str(strategy),
+                customdata=front[columns].to_numpy(dtype=float),
+                hovertemplate=hover,
+            )
+        )
+    if matched is not None and len(matched):
+        level = float(matched["level"].iloc[0])
+        fig.add_hline(
+            y=level,
+            line={"dash": "dash", "color": "#555", "width": 1.5},
+            annotation_text=f"matched level: {PARETO_SHORT.get(y, y)} = {level:g}",
+            annotation_position="bottom right",
+            annotation_font={"size": 11, "color": "#333"},
+        )
+    if x in ("general_loss_change", "capability_accuracy_change"):
+        fig.add_vline(x=0, line={"color": "#999", "width": 1})
+    n_seeds = int(fronts["n"].max()) if len(fronts) else 0
+    default = (
+        f"{PARETO_SHORT.get(y, y).capitalize()} against forgetting per strategy: means over {n_seeds} seeds; "
+        "lines: each strategy's Pareto front (95% t-intervals)"
+    )
+    _finish(fig, title or default, x_label, y_label)
+    fig.update_layout(showlegend=True, legend={"title": {"text": "strategy (Pareto front)"}})
+    return fig
+
+
+def matched_cost_figure(
+    matched: pd.DataFrame,
+    summary: pd.DataFrame,
+    compare: pd.DataFrame | None = None,
+    *,
+    title: str | None = None,
+) -> go.Figure:
+    """The cost (forgetting) at matched target performance, one column per strategy.
+
+    `summary` (a `matched_summary` table) gives each strategy's learning rate, mean cost and
+    its interval (drawn as a marker with error bars); `matched` (a `matched_points` table) the
+    runs: one dot per seed that reached the level at that rate. A line at zero marks no change
+    from step 0. With `compare` (a `compare_at_matched` table), each strategy's tick label
+    adds its difference from the reference with the 95% interval and the paired p-value."""
+    fig = go.Figure()
+    strategies = [s for s in summary["strategy"] if s in set(matched["strategy"])]
+    colours = _strategy_colours(strategies)
+    cost = str(matched["cost_name"].iloc[0]) if "cost_name" in matched and len(matched) else "cost"
+    target = str(matched["target_name"].iloc[0]) if "target_name" in matched else "target"
+    level = float(matched["level"].iloc[0]) if len(matched) else float("nan")
+    stats = summary.set_index("strategy")
+    notes = compare.set_index("strategy") if compare is not None else None
+    ticks: list[str] = []
+    for i, strategy in enumerate(strategies):
+        row = stats.loc[strategy]
+        runs = matched[
+            (matched["strategy"] == strategy)
+            & (matched["lr"] == row["lr"])
+            & matched["reached"].astype(bool)
+        ].sort_values("seed")
+        label = (
+            f"<b>{strategy}</b><br>lr {row['lr']:.3g}<br>{int(row['n'])}/{int(row['n_runs'])} seeds"
+            if int(row["n"]) > 0
+            else f"<b>{strategy}</b><br>never reached<br>the level"
+        )
+        if notes is not None and strategy in notes.index:
+            note = notes.loc[strategy]
+            if np.isfinite(float(note["mean_difference"])):
+                label += f"<br>Δ {note['mean_difference']:+.3g}"
+            if np.isfinite(float(note["low"])):  # an interval and a test need 2+ seeds
+                label += f"<br>[{note['low']:+.2g}, {note['high']:+.2g}]"
+                label += f"<br>p = {note['p_paired']:.2g}"
+        ticks.append(label)
+        colour = colours[strategy]
+        if len(runs):
+            offsets = np.linspace(-0.18, 0.18, len(runs)) if len(runs) > 1 else np.zeros(1)
+            fig.add_trace(
+                go.Scatter(
+                    x=i + offsets,
+                    y=runs["cost"],
+                    mode="markers",
+                    marker={"color": colour, "size": 7, "opacity": 0.55},
+                    name=f"{strategy}: per seed",
+                    legendgroup=str(strategy),
+                    showlegend=False,
+                    customdata=np.stack(
+                        [runs["seed"].to_numpy(dtype=float), runs["crossing_step"].to_numpy(float)],
+                        axis=1,
+                    ),
+                    hovertemplate=f"{strategy}, seed %{{customdata[0]}}: %{{y:.4g}} "
+                    "(reached at step %{customdata[1]:.1f})<extra></extra>",
+                )
+            )
+        if np.isfinite(row["cost"]):
+            one = pd.Series([row["cost"]])
+            fig.add_trace(
+                go.Scatter(
+                    x=[i + 0.3],
+                    y=[row["cost"]],
+                    mode="markers",
+                    marker={"color": colour, "size": 12, "symbol": "diamond"},
+                    error_y={
+                        **_error(pd.Series([row["cost_high"]]), pd.Series([row["cost_low"]]), one),
+                        "color": colour,
+                        "thickness": 2,
+                        "width": 6,
+                    },
+                    name=str(strategy),
+                    legendgroup=str(strategy),
+                    hovertemplate=f"{strategy}: mean %{{y:.4g}} "
+                    f"[{row['cost_low']:.3g}, {row['cost_high']:.3g}] "
+                    f"over {int(row['n'])} seeds<extra></extra>",
+                )
+            )
+    fig.add_hline(
+        y=0,
+        line={"color": "#999", "width": 1, "dash": "dot"},
+        annotation_text="no change from step 0",
+        annotation_position="bottom left",
+        annotation_font={"size": 11, "color": "#555"},
+    )
+    fig.update_xaxes(
+        tickmode="array",
+        tickvals=list(range(len(strategies))),
+        ticktext=ticks,
+        tickangle=0,
+        tickfont={"size": 11},
+        range=[-0.6, len(strategies) - 0.4],
+    )
+    x_title = "strategy (at its best learning rate)"
+    if notes is not None and len(notes):
+        reference = str(notes["reference"].iloc[0])
+        x_title += (
+            f"; Δ = its cost − {reference}'s (mean over seeds paired by seed, 95% t-interval, "
+            "paired t-test p)"
+        )
+    default = (
+        f"Forgetting at matched {PARETO_SHORT.get(target, target)} (≥ {level:g}): dots = seeds, "
+        "diamonds = mean with 95% t-interval, each strategy at its best learning rate"
+    )
+    _finish(
+        fig,
+        title or default,
+        x_title,
+        f"at the matched level: {PARETO_LABELS.get(cost, cost)}",
+    )
+    fig.update_layout(showlegend=False)
+    return fig

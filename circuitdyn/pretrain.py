@@ -1,14 +1,19 @@
 """Pretraining the embedded default model from scratch on the agreement language.
 
 `pretrain(out_dir)` trains a small HookedTransformer with the plain next-token loss on freshly
-generated *train-split* sentences (the split is a hash of the sentence pair, so the held-out
-sentences of every task are never seen), then measures it on held-out test-split sentences and
-writes ``config.json``, ``model.safetensors``, ``tokenizer/`` and ``metrics.json`` to `out_dir`.
+generated *train-split* sentences mixed with *copy items* (``<bos> S S`` of a short train-split
+sentence S, a fraction `copy_fraction` of the sequences), so that it learns to copy (induction);
+the split is a hash of the sentence pair, so the held-out sentences of every task are never seen.
+It then measures agreement and the capabilities of `circuitdyn.tasks.capabilities` on held-out
+test-split data and writes ``config.json``, ``model.safetensors``, ``tokenizer/`` and
+``metrics.json`` to `out_dir`.
 Everything is seeded: the same seed and settings give the same weights on the same machine.
 
 The shipped model was made with::
 
-    circuitdyn pretrain --out circuitdyn/assets/default --seed 0
+    OMP_NUM_THREADS=1 circuitdyn pretrain --out circuitdyn/assets/default --seed 0 --steps 10000
+
+(the exact command is in its ``metrics.json``).
 
 With ``record_every=K`` (``circuitdyn pretrain --record-every K --out RUN``) the agreement
 circuit is recorded every K steps by a `circuitdyn.recorder.CircuitRecorder` into the run
@@ -37,10 +42,18 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from circuitdyn.models import default_device, save_model, silence_tl_deprecation
 from circuitdyn.recorder import RECORDER_DEFAULTS, CircuitRecorder
 from circuitdyn.store import RunStore, flatten_state, strip_prefix, unflatten_state
-from circuitdyn.tasks.agreement import DEFAULT_GRAMMAR, AgreementPair, Grammar, iter_pairs
-from circuitdyn.tasks.agreement_tasks import AgreementTask, encode_pairs
+from circuitdyn.tasks.agreement import (
+    BOS,
+    DEFAULT_GRAMMAR,
+    AgreementPair,
+    Grammar,
+    copy_grammar,
+    iter_pairs,
+)
+from circuitdyn.tasks.agreement_tasks import AgreementTask
 from circuitdyn.tasks.base import Batch, gather_read_logits, lm_loss
-from circuitdyn.tasks.batching import pad_sequences
+from circuitdyn.tasks.batching import EncodedSplit, pad_sequences
+from circuitdyn.tasks.capabilities import CAPABILITIES, CapabilityTask
 from circuitdyn.tasks.word_tokenizer import (
     build_word_tokenizer,
     load_word_tokenizer,
@@ -79,13 +92,14 @@ def pretrain(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    steps: int = 3000,
+    steps: int = 10_000,
     batch_size: int = 64,
     lr: float = 3e-3,
     warmup: int = 200,
     weight_decay: float = 0.01,
     shape: ModelShape | None = None,
     grammar: Grammar = DEFAULT_GRAMMAR,
+    copy_fraction: float = 0.5,
     n_eval: int = 2000,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -107,7 +121,9 @@ def pretrain(
         steps, batch_size: optimiser steps and sentences per step.
         lr, warmup, weight_decay: AdamW with linear warmup then cosine decay to 0.
         shape: the architecture (default `ModelShape()`).
-        n_eval: held-out test-split sentence pairs to measure at the end.
+        copy_fraction: fraction of the training sequences that are copy items.
+        n_eval: held-out test-split sentence pairs (and examples of each capability) to
+            measure at the end.
         device: None means CUDA if available, else CPU.
         progress: show a tqdm progress bar.
         command: the command line recorded in ``metrics.json``.
@@ -137,6 +153,8 @@ def pretrain(
     for name, value in (("record_every", record_every), ("save_every", save_every)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= copy_fraction < 1.0:
+        raise ValueError(f"copy_fraction must lie in [0, 1), got {copy_fraction}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     recording = record_every is not None
@@ -148,6 +166,7 @@ def pretrain(
         "lr": lr,
         "warmup": warmup,
         "weight_decay": weight_decay,
+        "copy_fraction": copy_fraction,
         "shape": asdict(shape),
         "record_every": record_every,
     }
@@ -170,7 +189,9 @@ def pretrain(
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps))
-    stream = _train_batches(tokenizer, batch_size, seed=seed, grammar=grammar)
+    stream = _train_batches(
+        tokenizer, batch_size, seed=seed, grammar=grammar, copy_fraction=copy_fraction
+    )
     recorder, first, last_loss, smoothed = None, 0, None, None
     if record_every is not None:
         settings["checkpoint_every"] = checkpoint_every
@@ -256,7 +277,8 @@ def _recorder(
         "seed": settings["seed"],
         "steps": settings["steps"],
         "record_every": settings["record_every"],
-        "eval_every": settings["record_every"],
+        # Faithfulness (a patched run of the probe set) about every 10 steps, at recorded steps.
+        "eval_every": settings["record_every"] * max(1, 10 // settings["record_every"]),
         "checkpoint_every": settings["checkpoint_every"],
         "lr": settings["lr"],
         "weight_decay": settings["weight_decay"],
@@ -373,7 +395,8 @@ def heldout_metrics(
     batch_size: int = 250,
     grammar: Grammar = DEFAULT_GRAMMAR,
 ) -> dict[str, float]:
-    """Agreement quality on `n` test-split pairs (clean sentences), never seen in pretraining.
+    """Agreement quality on `n` test-split pairs (clean sentences), and each capability's
+    accuracy on `n` test-split examples, all never seen in pretraining.
 
     Returns:
         ``accuracy``: fraction of verbs whose correct form outscores the wrong-number form at
@@ -381,7 +404,9 @@ def heldout_metrics(
         with an opposite-number noun between subject and verb; ``main_accuracy``: verbs of the
         main subject; ``logit_diff``: mean correct-minus-wrong logit over all verbs;
         ``lm_loss_non_verb``: next-token cross-entropy (nats/token) on tokens that are not
-        verbs; counts ``n_sentences``, ``n_verbs``, ``n_attractor_verbs``.
+        verbs; counts ``n_sentences``, ``n_verbs``, ``n_attractor_verbs``;
+        ``<capability>_accuracy`` for ``determiner``, ``selection`` and ``copy``: fraction of
+        read positions where the target outscores the foil (`circuitdyn.tasks.capabilities`).
     """
     device = next(model.parameters()).device
     task = AgreementTask(
@@ -407,6 +432,10 @@ def heldout_metrics(
         loss_sum += float(task.loss(logits, batch)) * weight
         loss_weight += weight
     ok, diff, mask = torch.cat(correct), torch.cat(diffs), torch.cat(used)
+    capabilities = {
+        f"{name}_accuracy": _capability_accuracy(model, name, n=n, seed=seed, grammar=grammar)
+        for name in CAPABILITIES
+    }
     return {
         "accuracy": float(ok[mask].float().mean()),
         "attractor_accuracy": float(ok[mask & attractor].float().mean()),
@@ -416,7 +445,26 @@ def heldout_metrics(
         "n_sentences": len(encoded),
         "n_verbs": int(mask.sum()),
         "n_attractor_verbs": int((mask & attractor).sum()),
+        **capabilities,
     }
+
+
+def _capability_accuracy(
+    model: HookedTransformer, name: str, *, n: int, seed: int, grammar: Grammar
+) -> float:
+    """Fraction of read positions of `n` test-split examples of capability `name` where the
+    target outscores the foil."""
+    device = next(model.parameters()).device
+    task = CapabilityTask(
+        model.tokenizer, capability=name, n_train=0, n_dev=0, n_test=n, seed=seed, grammar=grammar
+    )
+    correct = total = 0
+    for batch in task.batches("test", 250):
+        batch = batch.to(device)
+        target, foil = gather_read_logits(model(batch.clean), batch)
+        correct += int(((target > foil) & batch.read_mask).sum())
+        total += int(batch.read_mask.sum())
+    return correct / total
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -431,6 +479,11 @@ def format_metrics(metrics: dict[str, float]) -> str:
             f"  mean logit difference:     {metrics['logit_diff']:.3f}",
             f"LM loss on non-verb tokens:  {metrics['lm_loss_non_verb']:.4f} nats/token",
         ]
+        + [
+            f"held-out {name} accuracy: {metrics[f'{name}_accuracy']:.4f}"
+            for name in CAPABILITIES
+            if f"{name}_accuracy" in metrics
+        ]
         + ([f"training time: {metrics['wall_time_s']:.0f} s"] if "wall_time_s" in metrics else [])
     )
 
@@ -444,25 +497,47 @@ def _target_weight(batch: Batch) -> float:
 
 
 def _train_batches(
-    tokenizer: Any, batch_size: int, *, seed: int, grammar: Grammar, pool: int = 16
+    tokenizer: Any,
+    batch_size: int,
+    *,
+    seed: int,
+    grammar: Grammar,
+    copy_fraction: float = 0.5,
+    pool: int = 16,
 ) -> Iterator[Batch]:
-    """Endless batches of fresh train-split sentences (both members of each pair are used).
+    """Endless batches of fresh train-split sentences (both members of each pair are used) and,
+    a `copy_fraction` of the sequences, copy items ``<bos> S S`` of fresh train-split short
+    sentences (both members of each pair, from a stream of its own).
 
-    Sentences are drawn `pool` batches at a time and grouped by length, so a batch carries
+    Sequences are drawn `pool` batches at a time and grouped by length, so a batch carries
     little padding (lengths vary 2-3x; padding would otherwise waste about half the compute);
     the order of the batches within a pool is shuffled (seeded).
     """
     pairs = (p for p in iter_pairs(seed, grammar) if p.split == "train")
+    copies = (p for p in iter_pairs(seed + 1, copy_grammar(grammar)) if p.split == "train")
+    n_copy_pairs = round(copy_fraction * pool * batch_size / 2)
+    n_pairs = pool * batch_size // 2 - n_copy_pairs
     order_rng = torch.Generator().manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     while True:
-        chunk: list[AgreementPair] = list(itertools.islice(pairs, pool * batch_size // 2))
-        # Each twin once as the clean sentence: (clean, corrupted) and (corrupted, clean).
-        both = chunk + [AgreementPair(p.corrupted, p.clean) for p in chunk]
-        both.sort(key=lambda pair: len(pair.clean))
-        encoded = encode_pairs(both, tokenizer)
-        starts = torch.arange(0, len(both) - batch_size + 1, batch_size)
+        chunk: list[AgreementPair] = list(itertools.islice(pairs, n_pairs))
+        sequences = [s.words for p in chunk for s in (p.clean, p.corrupted)]
+        for pair in itertools.islice(copies, n_copy_pairs):
+            sequences += [(BOS, *s.words[1:], *s.words[1:]) for s in (pair.clean, pair.corrupted)]
+        sequences.sort(key=len)
+        encoded = _encode_text(sequences, tokenizer, pad)
+        starts = torch.arange(0, len(sequences) - batch_size + 1, batch_size)
         for start in starts[torch.randperm(len(starts), generator=order_rng)].tolist():
             yield encoded.batch(torch.arange(start, start + batch_size))
+
+
+def _encode_text(sequences: list[tuple[str, ...]], tokenizer: Any, pad: int) -> EncodedSplit:
+    """Word sequences as right-padded plain text (no read positions): what `lm_loss` needs."""
+    clean = pad_sequences([tokenizer.convert_tokens_to_ids(list(s)) for s in sequences], pad)
+    lengths = torch.tensor([len(s) for s in sequences])
+    mask = torch.arange(clean.shape[1])[None, :] < lengths[:, None]
+    none = torch.zeros((len(sequences), 0), dtype=torch.long)
+    return EncodedSplit(clean, mask, none, none, none)
 
 
 def _warmup_cosine(warmup: int, steps: int):

@@ -172,7 +172,9 @@ def slot_gradient_scores(
     the RNG state is restored afterwards."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # Fork the generator of the model's device type (CUDA, MPS, ...; CPU's is always forked).
+    accelerator = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=accelerator, device_type=device.type):
         with torch.enable_grad():
             value = loss(model(batch.clean), batch)
             grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)

@@ -23,7 +23,9 @@ with the parameters *before* update t, the circuit used for update t, and the st
 (training loss and batch metric before the update, learning rate, sizes). On steps without
 attribution the scores are NaN and ``attributed`` is 0. Dev evaluations made at step t also
 use the parameters before update t; the one at step ``steps`` is the final model. The test
-split is evaluated twice: at step 0 (the untuned model) and at step ``steps``.
+split is evaluated twice: at step 0 (the untuned model) and at step ``steps``. Every evaluation
+also measures what the task should leave alone: the general-capability loss and, where the task
+has them (`circuitdyn.tasks.capability_tasks`), the accuracy on each held-out capability.
 
 Frozen means frozen. Parameters wholly outside the circuit get no gradient, so the optimizer
 skips them: no update, no weight decay, no change of optimizer state. Parameters partly inside
@@ -67,7 +69,7 @@ from circuitdyn.scores import Scores
 from circuitdyn.selection import SELECTIONS, select
 from circuitdyn.store import RunStore, flatten_state, strip_prefix, unflatten_state
 from circuitdyn.strategies import STRATEGIES, StrategyInput
-from circuitdyn.tasks import general_task, load_task
+from circuitdyn.tasks import capability_tasks, general_task, load_task
 from circuitdyn.tasks.base import Batch, Task, accuracy, read_positions, take_examples
 
 
@@ -99,9 +101,11 @@ class _Run:
         task: Task,
         general: Task | None,
         store: RunStore,
+        capabilities: dict[str, Task] | None = None,
     ) -> None:
         self.config, self.model, self.store = config, model, store
         self.task, self.general = task, general
+        self.capabilities = capabilities or {}
         self.strategy = STRATEGIES[config.strategy]
         self.graph = Graph.from_model(model, config.mlp_blocks)
         self.device = next(model.parameters()).device
@@ -132,11 +136,13 @@ class _Run:
         self._eval_batches: dict[tuple[str, str], list[Batch]] = {}
 
     def eval_batches(self, which: str, split: str) -> list[Batch]:
-        """The first `n_eval` examples of a split of the task (`which`="task") or of the
-        general-capability task (`which`="general"; empty when the run has none)."""
+        """The first `n_eval` examples of a split of the task (`which`="task"), of the
+        general-capability task (`which`="general"; empty when the run has none) or of a held-out
+        capability (`which` = its name)."""
         key = (which, split)
         if key not in self._eval_batches:
-            task = self.task if which == "task" else self.general
+            named = {"task": self.task, "general": self.general, **self.capabilities}
+            task = named[which]
             batches = [] if task is None else task.batches(split, self.config.batch_size, seed=0)
             self._eval_batches[key] = [
                 b.to(self.device) for b in take_examples(batches, self.config.n_eval)
@@ -262,6 +268,21 @@ class _Run:
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
+    def capability_accuracies(self, split: str) -> dict[str, float]:
+        """Accuracy on each held-out capability (``{split}_cap_{name}``) and their mean
+        (``{split}_cap_mean``): what tuning on the task should leave alone."""
+        out = {}
+        for name in self.capabilities:
+            data = self.eval_batches(name, split)
+            if not data:
+                continue
+            hits = sum(float(accuracy(self.model(b.clean), b).sum()) for b in data)
+            out[f"{split}_cap_{name}"] = hits / sum(b.size for b in data)
+        if out:
+            out[f"{split}_cap_mean"] = sum(out.values()) / len(out)
+        return out
+
+    @torch.no_grad()
     def evaluate(self, step: int, split: str = "dev") -> dict[str, float]:
         """Metric and accuracy on `split`, general-capability loss, and faithfulness of the
         current circuit; logged at `step` with keys prefixed by the split (``dev_metric``...)."""
@@ -279,6 +300,8 @@ class _Run:
             losses = [float(self.general.loss(model(b.clean), b)) * b.size for b in general]
             name = "general_loss" if split == "dev" else f"{split}_general_loss"
             out[name] = sum(losses) / sum(b.size for b in general)
+        if self.capabilities:
+            out.update(self.capability_accuracies(split))
         circuit = self.tuned if self.tuned is not None else self.record
         if circuit is not None:
             # Faithfulness is a ratio; near-degenerate denominators are expected early in
@@ -385,6 +408,7 @@ def tune(
     needs_twins = ABLATIONS[config.ablation].needs_corrupted
     task = load_task(config.task, model, seed=config.seed, twins=needs_twins, **config.task_options)
     general = general_task(config.task, model, seed=config.seed, **config.task_options)
+    capabilities = capability_tasks(config.task, model, seed=config.seed, **config.task_options)
     graph = Graph.from_model(model, config.mlp_blocks)
     n_max = SELECTIONS[config.selection].n_max(graph)
     if max(config.top_n, config.top_n_final or 0) > n_max:
@@ -423,7 +447,7 @@ def tune(
             score_dtype=getattr(torch, config.score_dtype),
             overwrite=resume or overwrite,
         )
-    run = _Run(config, model, task, general, store)
+    run = _Run(config, model, task, general, store, capabilities)
     try:
         _train(run, resume, progress)
         run.finish()

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from circuitdyn.tasks.agreement import (
+    ADJECTIVES,
     BOS,
     DEFAULT_GRAMMAR,
     NOUNS,
     NUMBER_DETERMINERS,
+    OBJECTS_OF,
     PERIOD,
     RELATIVIZERS,
     SPLITS,
@@ -132,6 +134,25 @@ def test_attractors_relative_clauses_and_several_verbs_are_all_present(
     assert len(words & set(NOUN_NUMBER)) > 0.9 * len(NOUN_NUMBER)
     assert len(words & set(VERB_NUMBER)) > 0.8 * len(VERB_NUMBER)
     assert len(set(texts)) > 0.99 * len(texts)
+
+
+def test_number_determiners_and_selected_objects_are_recorded(pairs: list[AgreementPair]) -> None:
+    det_number = {w: n for pair in NUMBER_DETERMINERS for n, w in enumerate(pair)}
+    nouns = [n for p in pairs for n in p.clean.nouns]
+    assert 0.15 < sum(n.determined for n in nouns) / len(nouns) < 0.35
+    objects = 0
+    for pair in pairs:
+        words = pair.clean.words
+        for noun in pair.clean.nouns:
+            # Determiner-noun agreement: a number-marked determiner has the noun's number.
+            det = next(w for w in reversed(words[: noun.position]) if w not in ADJECTIVES)
+            assert noun.determined == (det in det_number)
+            assert not noun.determined or det_number[det] == NOUN_NUMBER[words[noun.position]]
+            if noun.verb is not None:
+                verb = next(p for p in OBJECTS_OF if words[noun.verb] in p)
+                assert any(words[noun.position] in n for n in OBJECTS_OF[verb])
+                objects += 1
+    assert objects > 0.4 * len(pairs)
 
 
 def test_disagreeing_sentence_flips_every_verb(pairs: list[AgreementPair]) -> None:

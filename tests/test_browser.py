@@ -10,18 +10,15 @@ download). Without playwright, the page is loaded with ``chromium --dump-dom`` a
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from figure_check import check_figures
 
-from circuitdyn.circuit import Circuit
-from circuitdyn.replicate import QUICK, _label, replication_figures, run_plan
+from circuitdyn.replicate import ARMS, replication_figures
 from circuitdyn.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,7 +28,6 @@ needs_chromium = pytest.mark.skipif(
 )
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-MAIN = ["circuit", "fixed", "random", *[_label("full", lr=lr) for lr in QUICK.full_lrs]]
 
 
 def _render(path: Path, tmp_path: Path) -> dict:
@@ -123,7 +119,7 @@ def _check_page(state: dict, minimum: int) -> None:
 @needs_chromium
 def test_single_run_report_in_chromium(replication_dir, tmp_path):
     path = build_report(
-        [replication_dir / "runs" / "circuit_s0"], tmp_path / "one.html", model=False
+        [replication_dir / "runs" / "circuit-lr0.001_s0"], tmp_path / "one.html", model=False
     )
     state = _render(path, tmp_path)
     _check_page(state, minimum=12)
@@ -136,7 +132,7 @@ def test_single_run_report_in_chromium(replication_dir, tmp_path):
 def test_replication_report_in_chromium(replication_dir, tmp_path):
     path = replication_dir / "report.html"
     text = path.read_text()
-    assert "Comparison of runs" in text and text.count('<details class="run"') == len(MAIN)
+    assert "Comparison of runs" in text and text.count('<details class="run"') == len(ARMS)
     state = _render(path, tmp_path)
     _check_page(state, minimum=40)
     # Lazy: only the figures near the top are drawn before scrolling.
@@ -171,19 +167,7 @@ def test_replication_figure_files_in_chromium(replication_dir, tmp_path):
 def test_every_replication_figure_passes_the_check(replication_dir):
     """Every figure `replicate` writes (rebuilt from the replication directory): data in every
     trace, titled axes; the README's small multiples show the key steps."""
-    agreement = Circuit.from_json(replication_dir / "agreement" / "circuit.json")
-    curve = pd.read_csv(replication_dir / "agreement" / "faithfulness_curve.csv")
-    faith = json.loads((replication_dir / "agreement" / "numbers.json").read_text())
-    plan = run_plan(QUICK, "default", "disagreement", {})
-    figs, _, _ = replication_figures(
-        replication_dir / "runs",
-        list(plan),
-        MAIN,
-        [_label("circuit", n=n) for n in QUICK.sweep_n],
-        agreement,
-        curve,
-        faith,
-    )
+    figs, _, _ = replication_figures(replication_dir)
     check_figures(figs)
     titles = [a.text for a in figs["circuit_key_steps"].layout.annotations]
     assert any("initial" in t for t in titles) and any("final" in t for t in titles)

@@ -90,6 +90,8 @@ def test_default_model_agrees_on_held_out_sentences(model) -> None:
     for key in ("accuracy", "attractor_accuracy", "n_verbs", "n_attractor_verbs"):
         assert metrics[key] == counted[key], key
     assert metrics["logit_diff"] == pytest.approx(counted["logit_diff"], rel=1e-5)
+    for name in ("determiner", "selection", "copy"):
+        assert metrics[f"{name}_accuracy"] >= 0.99, name
 
 
 def test_default_model_prefers_agreement_over_disagreement(model) -> None:
@@ -181,6 +183,7 @@ def test_load_model_keeps_the_deprecation_warning_local() -> None:
 def test_pretrain_quick_run_writes_a_loadable_model(tmp_path: Path) -> None:
     metrics = pretrain(tmp_path / "m", steps=8, batch_size=16, n_eval=40, progress=False, seed=3)
     assert set(metrics) >= {"accuracy", "attractor_accuracy", "lm_loss_non_verb", "wall_time_s"}
+    assert set(metrics) >= {"determiner_accuracy", "selection_accuracy", "copy_accuracy"}
     record = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert record["training"]["steps"] == 8
     model = load_model(tmp_path / "m", device="cpu")

@@ -7,52 +7,61 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from circuitdyn.replicate import replicate
+from circuitdyn.replicate import ARMS, QUICK, replicate
 from circuitdyn.store import RunStore
 
-# The quick protocol: 1 seed of the five main runs, plus a top-n sweep (n = 10) and a K sweep
-# (K = 4) of circuit-tuning.
-QUICK_RUNS = {
-    "circuit_s0",
-    "fixed_s0",
-    "random_s0",
-    "full-lr0.001_s0",
-    "full-lr0.0001_s0",
-    "circuit-n10_s0",
-    "circuit-K4_s0",
-}
+# The quick protocol: 1 seed of every arm at 2 learning rates.
+QUICK_RUNS = {f"{arm}-lr{lr:g}_s0" for arm in ARMS for lr in QUICK.lrs}
 
 
 def test_quick_replication_writes_summary_runs_figures_and_report(replication_dir):
     text = (replication_dir / "summary.json").read_text()
     assert "NaN" not in text  # strict JSON
     summary = json.loads(text)
-    labels = {"circuit", "fixed", "random", "full-lr0.001", "full-lr0.0001"}
-    assert labels <= set(summary["strategies"])
-    for label in labels:
-        numbers = summary["strategies"][label]
-        assert 0.0 <= numbers["test_accuracy"]["mean"] <= 1.0
-        assert 0.0 < numbers["tunable_pct"]["mean"] <= 100.0
-        assert 0.0 <= numbers["jaccard_nodes_agreement"]["mean"] <= 1.0
-        assert abs(numbers["general_loss_change"]["mean"]) < 0.5  # test split at both ends
-    # Full fine-tuning tunes every parameter; circuit strategies strictly fewer.
-    assert summary["strategies"]["full-lr0.001"]["tunable_pct"]["mean"] == 100.0
-    assert summary["strategies"]["circuit"]["tunable_pct"]["mean"] < 100.0
+    arms = {row["arm"]: row for row in summary["arms"]}
+    assert set(arms) == set(ARMS)
+    for arm, numbers in arms.items():
+        assert numbers["lr"] in QUICK.lrs
+        assert 0.0 <= numbers["test_accuracy"] <= 1.0
+        assert 0.0 < numbers["tunable_pct"] <= 100.0 or arm == "lora"
+        assert 0.0 <= numbers["jaccard_nodes_agreement"] <= 1.0
+        assert abs(numbers["general_loss_change"]) < 1.0  # test split at both ends
+        assert -1.0 <= numbers["cap_mean_change"] <= 1.0  # held-out capabilities measured
+    # Full fine-tuning tunes every parameter; circuit arms strictly fewer, fewest with blocks.
+    assert arms["full"]["tunable_pct"] == 100.0
+    assert arms["circuit"]["tunable_pct"] < 100.0
     # Circuit-tuning moves the model towards disagreement (before tuning: 0% accuracy).
-    assert summary["strategies"]["circuit"]["test_accuracy"]["mean"] > 0.3
+    assert arms["circuit"]["test_accuracy"] > 0.3
     agreement = summary["agreement_circuit"]
     assert 0.0 < agreement["cpr"] <= 1.01 and agreement["cmd"] >= 0.0
+    assert 0.0 <= agreement["chance"]["node_iou_mean"] <= 1.0
     curve = pd.read_csv(replication_dir / "agreement" / "faithfulness_curve.csv")
     assert curve["faithfulness"].iloc[-1] == 1.0  # the full circuit is the model
     table = (replication_dir / "summary.md").read_text()
-    for label in labels:
-        assert f"| {label} |" in table
-    for name in ["strategy_curves", "circuit_animation", "agreement_faithfulness", "head_roles"]:
+    for arm in ARMS:
+        assert f"| {arm} |" in table
+    for name in ["pareto", "strategy_curves", "circuit_animation", "agreement_faithfulness"]:
         assert (replication_dir / "figures" / f"{name}.html").stat().st_size > 1000
     assert (replication_dir / "report.html").exists()
     rows = pd.read_csv(replication_dir / "runs.csv")
     assert set(rows["run"]) == QUICK_RUNS == {p.name for p in (replication_dir / "runs").iterdir()}
     assert rows[["test_metric", "tunable_pct"]].map(math.isfinite).all().all()
+    # Every dev evaluation of every run is in the Pareto table, step 0 with zero change.
+    evals = pd.read_csv(replication_dir / "evals.csv")
+    assert set(evals["run"]) == QUICK_RUNS
+    first = evals[evals["step"] == 0]
+    assert len(first) == len(QUICK_RUNS) and (first["general_loss_change"] == 0).all()
+
+
+def test_replication_summary_matches_its_runs(replication_dir):
+    """The summary's numbers are those of the runs: the arm's best-rate run, recomputed here from
+    its store (1 seed: the mean is the run's own number)."""
+    summary = json.loads((replication_dir / "summary.json").read_text())
+    for row in summary["arms"]:
+        name = f"{row['arm']}-lr{row['lr']:g}_s0"
+        tests = RunStore.open(replication_dir / "runs" / name).evals_frame()
+        tests = tests.dropna(subset=["test_accuracy"])
+        assert row["test_accuracy"] == pytest.approx(float(tests["test_accuracy"].iloc[-1]))
 
 
 def _files(run: Path) -> dict[str, tuple[int, int, int]]:
@@ -72,7 +81,7 @@ def _files(run: Path) -> dict[str, tuple[int, int, int]]:
 def test_replication_resumes_without_redoing_finished_runs(replication_dir):
     runs = replication_dir / "runs"
     before = {name: _files(runs / name) for name in QUICK_RUNS}
-    deleted = "circuit-K4_s0"
+    deleted = "circuit-lr0.001_s0"
     final_before = RunStore.open(runs / deleted).evals_frame().dropna(subset=["test_metric"])
     shutil.rmtree(runs / deleted)
     started = time.time_ns()

@@ -33,7 +33,15 @@ def _all(task: Task, split: str) -> Batch:
 
 
 def test_tasks_implement_the_protocol(tokenizer, agreement: AgreementTask) -> None:
-    assert TASKS.names() == ["agreement", "disagreement", "general", "sv-jsonl"]
+    assert TASKS.names() == [
+        "agreement",
+        "disagreement",
+        "general",
+        "determiner",
+        "selection",
+        "copy",
+        "sv-jsonl",
+    ]
     assert TASKS["sv-jsonl"].default_ablation == "mean"  # as the paper
     with pytest.raises(ValueError, match="unknown task 'magic': choose one of agreement"):
         load_task("magic", tokenizer)

@@ -15,6 +15,9 @@
 * `formation`: when each edge / node emerges and exits, the order of emergence, the phase
   transition of the task metric and the circuit changes near it, the faithfulness onset.
 * `weights`: relative weight change per head and MLP at checkpoints (needs the initial model).
+* `pareto`: comparisons of tuning strategies over rates and seeds: Pareto fronts of target
+  accuracy versus forgetting, forgetting at matched target accuracy with t-intervals and paired
+  tests, chance levels of circuit overlap and churn from random circuits of the same size.
 
 Analyses never touch a live trainer, and read a store through its typed views (``store.graph``,
 ``store.config``); figures (`circuitdyn.plots`) take these tables. `circuitdyn.analysis.pipeline`
@@ -68,6 +71,16 @@ from circuitdyn.analysis.formation import (
     phase_transition,
 )
 from circuitdyn.analysis.heads import head_role_changes, head_roles, head_roles_of_model
+from circuitdyn.analysis.pareto import (
+    best_rate,
+    chance_overlap,
+    compare_at_matched,
+    interval,
+    matched_points,
+    matched_summary,
+    pareto_front,
+    strategy_fronts,
+)
 from circuitdyn.analysis.runs import (
     RunProgress,
     config_fields,
@@ -125,7 +138,9 @@ __all__ = [
     "PhaseTransition",
     "RunProgress",
     "attributed_steps",
+    "best_rate",
     "block_changes",
+    "chance_overlap",
     "changes_near",
     "changing_edges",
     "checkpoint_parameters",
@@ -138,6 +153,7 @@ __all__ = [
     "circuit_sizes",
     "circuit_tables",
     "column_shares",
+    "compare_at_matched",
     "compare_circuits",
     "compare_steps",
     "config_fields",
@@ -158,6 +174,7 @@ __all__ = [
     "head_role_changes",
     "head_roles",
     "head_roles_of_model",
+    "interval",
     "intrinsic_dimension",
     "jaccard",
     "key_steps",
@@ -166,6 +183,8 @@ __all__ = [
     "marked_steps",
     "mask_near_zero",
     "masked_faithfulness",
+    "matched_points",
+    "matched_summary",
     "membership_flows",
     "model_at",
     "node_events",
@@ -174,6 +193,7 @@ __all__ = [
     "node_presence",
     "node_score_matrix",
     "over_seeds",
+    "pareto_front",
     "phase_membership",
     "phase_steps",
     "phase_transition",
@@ -190,6 +210,7 @@ __all__ = [
     "step_descriptions",
     "step_score_totals",
     "strategy_curves",
+    "strategy_fronts",
     "t_test_p_value",
     "tables_over_seeds",
     "top_edges",

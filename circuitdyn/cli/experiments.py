@@ -23,9 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Circuit-tuning and its baselines on subject-verb disagreement, several "
         "seeds, with tables, figures and an HTML report. A re-run continues where it stopped.",
     )
-    p.add_argument("--quick", action="store_true", help="small settings (1 seed, 30 steps)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="small settings (1 seed, 2 rates, 24 steps)"
+    )
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="the complete protocol: 4 rates, plus top-n and K sweeps",
+    )
     p.add_argument("--out", default=Path("runs/replication"), type=Path, help="output directory")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per strategy (default: 3)")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="seeds per arm and rate (default: 5; --quick: 1)"
+    )
     p.add_argument("--model", default="default", help="'default' or a TransformerLens name")
     p.add_argument("--data", default=None, help="the paper's sv-jsonl file (for real models)")
     p.add_argument(
@@ -48,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weights and data seed (default: 0)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
+    p.add_argument("--steps", type=int, default=10_000, help="optimizer steps (default: 10000)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per step (default: 64)")
     p.add_argument(
         "--lr", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)"
@@ -99,7 +109,7 @@ def _replicate(args: argparse.Namespace) -> int:
         raise CliError("--workers must be >= 1")
     check_writable(args.out)
     args.resume_hint = "run the same command again to continue where it stopped"
-    options = ("quick", "seeds", "model", "data", "workers", "png", "figures")
+    options = ("quick", "full", "seeds", "model", "data", "workers", "png", "figures")
     result = replicate(args.out, **{name: getattr(args, name) for name in options})
     print((args.out / "summary.md").read_text())
     print(f"done in {result['wall_time_s']:.0f} s; report: {result['report']}")

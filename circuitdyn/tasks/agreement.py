@@ -20,7 +20,17 @@ phrase and a verb phrase):
   ("is red and opens the doors"), both verbs agreeing with the same subject.
 
 Modifiers attach only to clause subjects, so every noun's role is unambiguous. Nouns of every NP
-draw their number independently, which is what creates attractors.
+draw their number independently, which is what creates attractors. The determiner of every NP is
+number-marked ("this"/"these", "one"/"two", agreeing with its noun) with probability
+``p_number_determiner``, else number-neutral ("the", "my", ...).
+
+Lexical selection: every transitive verb and "has/have" takes objects of some noun classes only
+(`OBJECTS_OF`: "opens" takes doors, boxes, letters ..., "visits" people and places). The object
+of a main verb phrase or of a subject relative clause is drawn from its verb's allowed nouns; an
+object relative clause ("the door that the girls open") draws a verb that allows its head noun.
+Nouns of prepositional phrases and subjects are unrestricted. `Sentence.nouns` records every
+noun (number, number-marked determiner, selecting verb), for the capability tasks of
+`circuitdyn.tasks.capabilities`.
 
 The corrupted twin of a sentence flips the number of the *main* subject (the first clause's
 subject): that noun is swapped for its pair, a number-marked determiner on it too ("this" <->
@@ -36,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from circuitdyn.tasks.batching import SPLITS
@@ -108,6 +118,59 @@ def _all_verb_pairs() -> tuple[tuple[str, str], ...]:
 VERB_PAIRS: tuple[tuple[str, str], ...] = _all_verb_pairs()
 
 
+def _nouns(singulars: str) -> tuple[tuple[str, str], ...]:
+    pairs = {pair[0]: pair for pair in NOUNS}
+    return tuple(pairs[word] for word in singulars.split())
+
+
+# Semantic noun classes (a partition of NOUNS) and the classes each verb takes as its object.
+NOUN_CLASSES: dict[str, tuple[tuple[str, str], ...]] = {
+    "people": _nouns(
+        "teacher student doctor farmer author pilot friend neighbor king queen artist lawyer "
+        "manager singer boy girl officer guest player boss baby child man woman person"
+    ),
+    "animals": _nouns("dog cat bird horse wolf mouse"),
+    "objects": _nouns(
+        "key cabinet car book table door window painting letter clock lamp box knife"
+    ),
+    "places": _nouns("tree river garden city"),
+}
+_PEOPLE, _ANIMALS = NOUN_CLASSES["people"], NOUN_CLASSES["animals"]
+_OBJECTS, _PLACES = NOUN_CLASSES["objects"], NOUN_CLASSES["places"]
+_PORTABLE = _nouns("key book painting letter clock lamp box knife")
+OBJECTS_OF: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
+    ("has", "have"): _OBJECTS + _ANIMALS,
+    ("likes", "like"): _PEOPLE + _ANIMALS,
+    ("sees", "see"): _PEOPLE + _ANIMALS,
+    ("finds", "find"): _OBJECTS + _ANIMALS,
+    ("needs", "need"): _OBJECTS,
+    ("wants", "want"): _OBJECTS,
+    ("holds", "hold"): _PORTABLE,
+    ("opens", "open"): _nouns("door window box cabinet letter book car"),
+    ("makes", "make"): _OBJECTS,
+    ("knows", "know"): _PEOPLE + _PLACES,
+    ("takes", "take"): _OBJECTS + _ANIMALS,
+    ("follows", "follow"): _PEOPLE + _ANIMALS,
+    ("helps", "help"): _PEOPLE + _ANIMALS,
+    ("carries", "carry"): _PORTABLE,
+    ("watches", "watch"): _PEOPLE + _ANIMALS,
+    ("visits", "visit"): _PEOPLE + _PLACES,
+    ("remembers", "remember"): _PEOPLE + _PLACES,
+    ("loves", "love"): _PEOPLE + _ANIMALS,
+    ("paints", "paint"): _OBJECTS + _PLACES,
+}
+assert sorted(p for c in NOUN_CLASSES.values() for p in c) == sorted(NOUNS)
+assert set(OBJECTS_OF) == set(POSSESSIVES + TRANSITIVES)
+
+
+def allowed_objects(verb: str) -> tuple[tuple[str, str], ...]:
+    """The (singular, plural) nouns that the verb `verb` (either number) takes as its object."""
+    for pair, nouns in OBJECTS_OF.items():
+        if verb in pair:
+            return nouns
+    raise ValueError(f"{verb!r} takes no object; verbs with objects: {sorted(OBJECTS_OF)}")
+
+
 def lexicon() -> list[str]:
     """Every word the grammar can produce (specials excluded), in a fixed, deterministic order."""
     words: list[str] = [PERIOD]
@@ -142,6 +205,16 @@ class VerbSlot:
 
 
 @dataclass(frozen=True)
+class NounSlot:
+    """One noun of a sentence; positions index `Sentence.words`."""
+
+    position: int
+    plural: bool
+    determined: bool  # its NP starts with a number-marked determiner ("these", "one", ...)
+    verb: int | None = None  # position of the verb whose object it is (selection), if any
+
+
+@dataclass(frozen=True)
 class Sentence:
     """A generated sentence: ``<bos>`` then words, ending with a period."""
 
@@ -149,6 +222,7 @@ class Sentence:
     subjects: tuple[int, ...]  # positions of the nouns some verb agrees with; [0] is the main one
     verbs: tuple[VerbSlot, ...]
     plural: tuple[bool, ...]  # number of the noun at each subject position (same order)
+    nouns: tuple[NounSlot, ...] = ()  # every noun, in sentence order
 
     @property
     def text(self) -> str:
@@ -234,6 +308,7 @@ class _Word:
 class _Noun:
     pair: tuple[str, str]
     group: int
+    verb: int | None = None  # index (in the item list) of the verb whose object it is
 
 
 @dataclass(frozen=True)
@@ -258,7 +333,7 @@ class Grammar:
 
     p_two_clauses: float = 0.35
     p_adjective: float = 0.3  # per adjective slot (two slots on subjects, one elsewhere)
-    p_number_determiner: float = 0.15
+    p_number_determiner: float = 0.25
     p_pp: float = 0.25
     p_two_pps: float = 0.07
     p_object_relative: float = 0.18
@@ -301,9 +376,15 @@ class Grammar:
         return len(plural) - 1
 
     def _np(
-        self, rng: random.Random, items: list[_Item], plural: list[bool], adjectives: int
-    ) -> int:
-        """Determiner, adjectives, noun; returns the NP's group."""
+        self,
+        rng: random.Random,
+        items: list[_Item],
+        plural: list[bool],
+        adjectives: int,
+        verb: int | None = None,
+    ) -> tuple[int, tuple[str, str]]:
+        """Determiner, adjectives, noun; returns the NP's group and noun. With `verb` (the item
+        index of a verb) the NP is that verb's object and its noun one the verb allows."""
         group = self._new_group(rng, plural)
         if rng.random() < self.p_number_determiner:
             items.append(_Det(rng.choice(NUMBER_DETERMINERS), group))
@@ -312,8 +393,10 @@ class Grammar:
         for _ in range(adjectives):
             if rng.random() < self.p_adjective:
                 items.append(_Word(rng.choice(ADJECTIVES)))
-        items.append(_Noun(rng.choice(NOUNS), group))
-        return group
+        selector = None if verb is None else items[verb]
+        noun = rng.choice(OBJECTS_OF[selector.pair] if isinstance(selector, _Verb) else NOUNS)
+        items.append(_Noun(noun, group, verb))
+        return group, noun
 
     def _pp(self, rng: random.Random, items: list[_Item], plural: list[bool]) -> None:
         items.append(_Word(rng.choice(PREPOSITIONS)))
@@ -322,7 +405,7 @@ class Grammar:
     def _clause(
         self, rng: random.Random, items: list[_Item], plural: list[bool], allow_coordination: bool
     ) -> None:
-        subject = self._np(rng, items, plural, adjectives=2)
+        subject, head = self._np(rng, items, plural, adjectives=2)
         u = rng.random()
         edges = [self.p_pp, self.p_two_pps, self.p_object_relative, self.p_subject_relative]
         if u < edges[0]:
@@ -333,14 +416,16 @@ class Grammar:
         elif u < sum(edges[:3]):
             # Object relative clause: its verb agrees with its own subject.
             items.append(_Word(rng.choice(RELATIVIZERS)))
-            inner = self._np(rng, items, plural, adjectives=1)
-            items.append(_Verb(rng.choice(TRANSITIVES), inner))
+            inner, _ = self._np(rng, items, plural, adjectives=1)
+            # The head noun is the relative verb's object: pick a verb that allows it.
+            verbs = [pair for pair in TRANSITIVES if head in OBJECTS_OF[pair]]
+            items.append(_Verb(rng.choice(verbs), inner))
         elif u < sum(edges):
             # Subject relative clause: its verb agrees with the head noun.
             items.append(_Word(rng.choice(RELATIVIZERS)))
             if rng.random() < 0.7:
                 items.append(_Verb(rng.choice(TRANSITIVES), subject))
-                self._np(rng, items, plural, adjectives=1)
+                self._np(rng, items, plural, adjectives=1, verb=len(items) - 1)
             else:
                 items.append(_Verb(rng.choice(INTRANSITIVES), subject))
         self._verb_phrase(rng, items, plural, subject)
@@ -361,7 +446,7 @@ class Grammar:
         elif kind in (1, 2):
             pairs = POSSESSIVES if kind == 1 else TRANSITIVES
             items.append(_Verb(rng.choice(pairs), subject))
-            self._np(rng, items, plural, adjectives=1)
+            self._np(rng, items, plural, adjectives=1, verb=len(items) - 1)
             if rng.random() < self.p_object_pp:
                 self._pp(rng, items, plural)
         else:
@@ -375,6 +460,8 @@ def _render(items: list[_Item], plural: list[bool]) -> Sentence:
     words = [BOS]
     noun_at: dict[int, int] = {}  # group -> position of its head noun
     noun_positions: list[tuple[int, bool]] = []  # (position, plural) of every noun
+    determined = {item.group for item in items if isinstance(item, _Det)}
+    nouns: list[NounSlot] = []
     verb_items: list[tuple[int, _Verb]] = []
     for item in items:
         position = len(words)
@@ -385,6 +472,9 @@ def _render(items: list[_Item], plural: list[bool]) -> Sentence:
             if isinstance(item, _Noun):
                 noun_at[item.group] = position
                 noun_positions.append((position, plural[item.group]))
+                # Item i is word i + 1 (after <bos>).
+                verb = None if item.verb is None else item.verb + 1
+                nouns.append(NounSlot(position, plural[item.group], item.group in determined, verb))
         else:
             words.append(item.pair[int(plural[item.group])])
             verb_items.append((position, item))
@@ -409,6 +499,7 @@ def _render(items: list[_Item], plural: list[bool]) -> Sentence:
         subjects=tuple(noun_at[g] for g in subject_groups),
         verbs=tuple(verbs),
         plural=tuple(plural[g] for g in subject_groups),
+        nouns=tuple(nouns),
     )
 
 
@@ -422,13 +513,25 @@ def iter_pairs(seed: int = 0, grammar: Grammar = DEFAULT_GRAMMAR) -> Iterator[Ag
         yield grammar.sample(rng)
 
 
+def copy_grammar(grammar: Grammar = DEFAULT_GRAMMAR) -> Grammar:
+    """The grammar of copy items' sentences: short enough that ``<bos> S S`` fits
+    ``grammar.max_words`` tokens (S, period included, has at most ``(max_words - 1) // 2``
+    words)."""
+    return replace(grammar, max_words=(grammar.max_words - 1) // 2 + 1)
+
+
 def generate_splits(
-    sizes: dict[str, int], *, seed: int = 0, grammar: Grammar = DEFAULT_GRAMMAR
+    sizes: dict[str, int],
+    *,
+    seed: int = 0,
+    grammar: Grammar = DEFAULT_GRAMMAR,
+    keep: Callable[[AgreementPair], bool] | None = None,
 ) -> dict[str, list[AgreementPair]]:
     """Distinct pairs for each split, e.g. ``{"train": 2000, "dev": 500, "test": 500}``.
 
     Pairs are drawn from one seeded stream and kept in the split their key hashes to, until every
-    split is full; within a split no pair repeats, across splits no sentence is shared.
+    split is full; within a split no pair repeats, across splits no sentence is shared. `keep`
+    (optional) skips the pairs it rejects, e.g. those without a number-marked determiner.
     """
     unknown = set(sizes) - set(SPLITS)
     if unknown:
@@ -450,6 +553,8 @@ def generate_splits(
         key = pair.key
         split = split_of(key)
         if split not in out or len(out[split]) >= sizes[split] or key in seen:
+            continue
+        if keep is not None and not keep(pair):
             continue
         seen.add(key)
         out[split].append(pair)
