@@ -109,6 +109,9 @@ class TuningConfig:
     grad_clip: float | None = _option(1.0, "clip the gradient norm to this")
     eval_every: int = _option(25, "dev evaluation every this many steps")
     n_eval: int = _option(256, "examples per evaluation")
+    eval_faithfulness: bool = _option(
+        True, "measure the circuit's faithfulness at each evaluation (a patched run)"
+    )
     checkpoint_every: int = _option(50, "checkpoint every this many steps")
     keep_checkpoints: int | None = _option(None, "keep only the newest k checkpoints (none: all)")
     score_dtype: str = _option("float16", "dtype of stored edge scores", choices=SCORE_DTYPES)

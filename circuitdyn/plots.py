@@ -87,6 +87,7 @@ METRIC_LABELS = {
     "dev_metric": "dev metric: logit(target) − logit(foil) (logits)",
     "dev_accuracy": "dev accuracy (fraction of verbs)",
     "general_loss": "general LM loss (nats/token)",
+    "dev_cap_mean": "held-out capability accuracy (mean of determiner, selection, copy)",
     "faithfulness": "faithfulness (circuit / model metric, ratio)",
     "faithfulness_masked": "faithfulness (circuit / model metric; masked where |model metric| is small)",
     "loss": "training loss (nats/token)",
@@ -204,16 +205,24 @@ def _right_axis_line(
     name: str,
     unit: str,
     mode: str = "lines+markers",
+    from_zero: bool = True,
 ) -> None:
     """A grey dashed line of ``table[y]`` on the right axis of a secondary-y figure, titled
-    ``name (unit)``, when the column is there with any value."""
+    ``name (unit)``, when the column is there with any value; `from_zero`: the axis starts at 0
+    (off: it fits the values, for small changes of a large quantity)."""
     if y not in table.columns or not table[y].notna().any():
         return
     line = {"color": "#777", "dash": "dash"}
     fig.add_trace(
         go.Scatter(x=table[x], y=table[y], mode=mode, name=name, line=line), secondary_y=True
     )
-    fig.update_yaxes(title_text=f"{name} ({unit})", secondary_y=True, rangemode="tozero")
+    fig.update_yaxes(
+        title_text=f"{name} ({unit})",
+        secondary_y=True,
+        rangemode="tozero" if from_zero else "normal",
+        tickformat=None if from_zero else ".3f",
+        showgrid=False,  # the grid is the left axis's
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1152,8 +1161,9 @@ def membership_raster(
     fig.update_yaxes(
         title_text="edge (sorted by the step it entered)",
         autorange="reversed",
-        showticklabels=len(raster) <= 60,
-        tickfont={"size": 9},
+        # Every row named: the figure grows with the rows (8 px each) instead of dropping them.
+        showticklabels=len(raster) <= 300,
+        tickfont={"size": 9 if len(raster) <= 60 else 7},
         row=row,
         col=1,
     )
@@ -1161,7 +1171,7 @@ def membership_raster(
     if has_curve:
         fig.update_xaxes(title_text="", row=1, col=1)
     mark_key_steps(fig, keys)
-    fig.update_layout(height=max(450, min(1100, 200 + 9 * len(raster))))
+    fig.update_layout(height=max(450, min(2800, 300 + 8 * len(raster))))
     return _finish(
         fig, title or f"Edge membership over training ({len(raster)} edges ever in the circuit)"
     )
@@ -1614,7 +1624,9 @@ def intrinsic_dimension_figure(
         go.Scatter(x=curve["top_n"], y=curve[metric], mode="lines+markers", name=_label(metric)),
         secondary_y=False,
     )
-    _right_axis_line(fig, curve, "top_n", "general_loss", "general LM loss", "nats/token")
+    _right_axis_line(
+        fig, curve, "top_n", "general_loss", "general LM loss", "nats/token", from_zero=False
+    )
     if threshold is not None and np.isfinite(threshold):
         fig.add_hline(
             y=threshold,
@@ -1748,6 +1760,8 @@ def _bands(
     fig = go.Figure()
     palette = _palette()
     groups = list(order) if order is not None else list(dict.fromkeys(table[group]))
+    if set(groups) <= set(STRATEGY_COLOURS):  # strategies: the colours of every comparison
+        palette = [STRATEGY_COLOURS[name] for name in groups]
     for i, name in enumerate(groups):
         rows = table[(table[group] == name)].dropna(subset=[value])
         if rows.empty:
@@ -2280,6 +2294,7 @@ STRATEGY_COLOURS = {
     "circuit-paper": "#17becf",
     "fixed": "#2ca02c",
     "random": "#7f7f7f",
+    "random-matched": "#8c564b",
     "gradient": "#9467bd",
     "lora": "#ff7f0e",
     "full": "#d62728",
@@ -2311,6 +2326,35 @@ def _error(high: pd.Series, low: pd.Series, mean: pd.Series) -> dict[str, Any]:
         "thickness": 1.2,
         "width": 3,
     }
+
+
+def _fit_fronts(fig: go.Figure, rows: pd.DataFrame, x: str) -> None:
+    """Zoom the x axis onto the fronts (with their intervals) when far-off points (e.g. a rate
+    that overshoots) would squeeze them into a corner; say how many points are left out."""
+    front = rows[rows["on_front"].astype(bool)]
+    if front.empty:
+        return
+    ends = pd.concat([front[x], front[f"{x}_low"], front[f"{x}_high"]]).dropna()
+    low, high = float(ends.min()), float(ends.max())
+    margin = 0.15 * max(high - low, 1e-9)
+    low, high = min(low - margin, 0.0), high + margin
+    outside = rows[(rows[x] < low) | (rows[x] > high)]
+    everything = float(rows[x].max() - rows[x].min())
+    if outside.empty or (high - low) > 0.5 * everything:
+        return
+    fig.update_xaxes(range=[low, high])
+    fig.add_annotation(
+        x=1,
+        y=0,
+        xref="paper",
+        yref="paper",
+        xanchor="right",
+        yanchor="bottom",
+        showarrow=False,
+        font={"size": 11, "color": "#555"},
+        text=f"{len(outside)} mean points lie off the axis (up to {rows[x].max():.3g}); every "
+        "front point is shown",
+    )
 
 
 def pareto_figure(
@@ -2392,6 +2436,7 @@ def pareto_figure(
         )
     if x in ("general_loss_change", "capability_accuracy_change"):
         fig.add_vline(x=0, line={"color": "#999", "width": 1})
+    _fit_fronts(fig, fronts.dropna(subset=[x, y]), x)
     n_seeds = int(fronts["n"].max()) if len(fronts) else 0
     default = (
         f"{PARETO_SHORT.get(y, y).capitalize()} against forgetting per strategy: means over {n_seeds} seeds; "
@@ -2509,8 +2554,8 @@ def matched_cost_figure(
             "paired t-test p)"
         )
     default = (
-        f"Forgetting at matched {PARETO_SHORT.get(target, target)} (≥ {level:g}): dots = seeds, "
-        "diamonds = mean with 95% t-interval, each strategy at its best learning rate"
+        f"Forgetting at matched {PARETO_SHORT.get(target, target)} (≥ {level:g}), each strategy "
+        "at its best rate<br><sup>dots: seeds; diamonds: mean with 95% t-interval</sup>"
     )
     _finish(
         fig,

@@ -304,10 +304,12 @@ class CircuitRecorder:
         total = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.float64)
         values: dict[str, list[Tensor]] = {"full": [], "empty": [], "circuit": [], "correct": []}
         kept = []
+        patched = step % c.eval_every == 0 or step >= c.steps  # the circuit is evaluated
         for batch in probe:
             check_tokens(batch, model.cfg.d_vocab, model.cfg.n_ctx)
             ablated, empty_logits = self._sources(model, batch, means)
-            if ablated.numel() * ablated.element_size() * len(probe) <= KEEP_ABLATED_BYTES:
+            size = ablated.numel() * ablated.element_size() * len(probe)
+            if patched and size <= KEEP_ABLATED_BYTES:
                 kept.append(ablated.clone())  # attribution overwrites its copy
             mask = position_mask(batch, None if self.positions is None else self.positions(batch))
             summed, logits = self._attribute(model, batch, ablated, mask)
@@ -319,7 +321,7 @@ class CircuitRecorder:
         n = sum(batch.size for batch in probe)
         scores = Scores(graph, total / n, {"method": c.method, "ablation": c.ablation})
         selection = select(scores, c.n_at(step), c.selection, absolute=c.absolute)
-        if step % c.eval_every != 0 and step < c.steps:
+        if not patched:
             # No faithfulness at this step: the model's own numbers came free with attribution.
             full = torch.cat(values["full"]).double()
             evaluation = {"dev_metric": float(full.mean())}

@@ -77,7 +77,7 @@ class Protocol:
     """Settings of one replication."""
 
     seeds: int = 5
-    steps: int = 120
+    steps: int = 100
     batch_size: int = 16
     top_n: int = 40  # edges of the circuit
     mlp_blocks: int = 16  # MLP neuron blocks per layer (nodes m{L}.b{BB})
@@ -115,7 +115,9 @@ QUICK = Protocol(
     checkpoint_every=12,
     chance_draws=100,
 )
-FULL = replace(DEFAULT, steps=200, sweep_n=(5, 10, 20, 80, 160), sweep_k=(4, 16))
+# The default's runs plus the sweeps: `--full` into a default replication's directory adds only
+# the sweep runs.
+FULL = replace(DEFAULT, sweep_n=(5, 10, 20, 80, 160), sweep_k=(4, 16))
 PROTOCOLS = {"default": DEFAULT, "quick": QUICK, "full": FULL}
 
 
@@ -150,6 +152,9 @@ def run_plan(
         eval_every=p.eval_every,
         n_eval=p.n_eval,
         checkpoint_every=p.checkpoint_every,
+        # The comparison reads accuracy and forgetting; faithfulness of each run's circuit at
+        # every evaluation would double the evaluations' cost.
+        eval_faithfulness=False,
     )
     plan: dict[str, TuningConfig] = {}
     for seed in range(p.seeds):
@@ -417,10 +422,10 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def comparison_table(comparison: pd.DataFrame) -> str:
-    """`pareto.compare_at_matched` as Markdown."""
+def comparison_table(comparison: pd.DataFrame, measure: str = "Δ LM loss vs circuit (nats)") -> str:
+    """`pareto.compare_at_matched` as Markdown; `measure` heads the difference column."""
     lines = [
-        "| arm | Δ forgetting vs circuit (nats) | 95% interval | paired t p | Welch p | pairs |",
+        f"| arm | {measure} | 95% interval | paired t p | Welch p | pairs |",
         "|---|---|---|---|---|---|",
     ]
 
@@ -562,10 +567,12 @@ def replication_figures(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.Dat
             "direct logit attribution",
         ),
     }
-    sweep = rows[rows["label"].str.match(r"circuit-n\d+$")]["run"].tolist()
-    if sweep:
+    sweep = rows[rows["label"].str.match(r"circuit-n\d+$")]
+    if len(sweep):
+        # The sweep's own rate and seed 0, at the protocol's top_n: the n = top_n point.
+        base = f"{_label('circuit', lr=float(sweep['lr'].iloc[0]))}_s0"
         finals_n = compare_analysis.final_evals(
-            {name: RunStore.open(runs_dir / name) for name in [circuit_run, *sweep]}
+            {name: RunStore.open(runs_dir / name) for name in [base, *sweep["run"]]}
         )
         dimension = compare_analysis.intrinsic_dimension(finals_n)
         figs["intrinsic_dimension"] = plots.intrinsic_dimension_figure(
@@ -645,8 +652,18 @@ def replicate(
     matched.to_csv(out / "matched.csv", index=False)
     best = with_fallback_rates(pareto.best_rate(matched), rows)
     best.to_csv(out / "best_rates.csv", index=False)
-    comparison = pareto.compare_at_matched(matched, reference="circuit")
+    comparison = pareto.compare_at_matched(matched, reference="circuit", best=best)
     comparison.to_csv(out / "comparison.csv", index=False)
+    # The same comparison on the held-out capabilities, at the same rates (when measured).
+    capabilities = None
+    if evals["capability_accuracy_change"].notna().any():
+        matched_capabilities = pareto.matched_points(
+            evals, protocol.match_level, cost="capability_accuracy_change"
+        )
+        capabilities = pareto.compare_at_matched(
+            matched_capabilities, reference="circuit", best=best
+        )
+        capabilities.to_csv(out / "comparison_capabilities.csv", index=False)
     fronts = pareto.strategy_fronts(evals)
     fronts.to_csv(out / "pareto.csv", index=False)
     summary = summarize(rows, matched, best)
@@ -669,14 +686,12 @@ def replicate(
         title="Replication: circuit-tuning on subject-verb disagreement",
     )
 
-    sweep = rows[
-        rows["label"].str.match(r"circuit-n\d+$")
-        | (rows["run"].isin(chosen["run"]) & (rows["arm"] == "circuit") & (rows["seed"] == 0))
-    ]
+    base = rows["run"] == f"{_label('circuit', lr=protocol.sweep_lr)}_s0"  # K = 1, top_n
+    sweep = rows[rows["label"].str.match(r"circuit-n\d+$") | base]
     sweep = sweep.sort_values("top_n")[
         ["top_n", "test_metric", "test_accuracy", "general_loss_change", "tunable_pct"]
     ]
-    ks = rows[rows["label"].str.match(r"circuit-K\d+$")]
+    ks = rows[rows["label"].str.match(r"circuit-K\d+$") | base]
     ks = ks.sort_values("K")[
         ["K", "test_metric", "test_accuracy", "general_loss_change", "steps_to_90pct"]
     ]
@@ -696,9 +711,15 @@ def replicate(
         markdown_table(summary),
         f"## Forgetting at matched target accuracy ({protocol.match_level:.0%} dev), "
         "each arm against circuit-tuning",
-        "Positive: the arm forgets more than circuit-tuning (held-out LM loss, nats).",
+        "Held-out LM loss; positive: the arm forgets more than circuit-tuning.",
         comparison_table(comparison),
     ]
+    if capabilities is not None:
+        sections += [
+            "Mean held-out capability accuracy (determiner agreement, lexical selection, "
+            "copying); negative: the arm forgets more than circuit-tuning.",
+            comparison_table(capabilities, "Δ capability acc. vs circuit"),
+        ]
     if len(protocol.sweep_n):
         sections += ["## Intrinsic dimension (seed 0, circuit-tuning, top-n sweep)"]
         sections += [sweep.to_string(index=False)]
@@ -717,6 +738,9 @@ def replicate(
         "agreement_circuit": numbers,
         "arms": summary.to_dict(orient="records"),
         "comparison": comparison.to_dict(orient="records"),
+        "comparison_capabilities": []
+        if capabilities is None
+        else capabilities.to_dict(orient="records"),
         "best_rates": best.to_dict(orient="records"),
         "sweep_top_n": sweep.to_dict(orient="records") if len(protocol.sweep_n) else [],
         "sweep_K": ks.to_dict(orient="records"),

@@ -303,7 +303,7 @@ class _Run:
         if self.capabilities:
             out.update(self.capability_accuracies(split))
         circuit = self.tuned if self.tuned is not None else self.record
-        if circuit is not None:
+        if circuit is not None and self.config.eval_faithfulness:
             # Faithfulness is a ratio; near-degenerate denominators are expected early in
             # training (the metric is near 0 when the behaviour flips) and only reported.
             with warnings.catch_warnings():

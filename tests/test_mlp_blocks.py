@@ -123,7 +123,7 @@ def test_a_40_edge_circuit_tunes_a_minority_of_the_embedded_model():
         graph = Graph.from_model(model, blocks)
         circuit = select(attribute(model, graph, batches, task.metric), 40).circuit
         fractions[blocks] = count_tunable(model, circuit) / n_params
-    assert fractions[16] < 0.5 < fractions[1]  # measured: 0.34 and 0.66
+    assert fractions[16] < 0.5 < fractions[1]  # measured: 0.32 and 0.68
 
 
 def test_tuning_with_blocks_records_block_circuits(tmp_path):

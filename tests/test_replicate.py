@@ -7,7 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from circuitdyn.replicate import ARMS, QUICK, replicate
+from circuitdyn.replicate import (
+    ARMS,
+    QUICK,
+    UNREACHED_FALLBACK,
+    replicate,
+    with_fallback_rates,
+)
 from circuitdyn.store import RunStore
 
 # The quick protocol: 1 seed of every arm at 2 learning rates.
@@ -95,3 +101,20 @@ def test_replication_resumes_without_redoing_finished_runs(replication_dir):
     final_after = RunStore.open(runs / deleted).evals_frame().dropna(subset=["test_metric"])
     assert list(final_after["step"]) == list(final_before["step"])
     assert list(final_after["test_metric"]) == pytest.approx(list(final_before["test_metric"]))
+
+
+def test_an_arm_that_never_reaches_the_level_gets_its_most_accurate_rate():
+    best = pd.DataFrame(
+        {"strategy": ["circuit", "lora"], "lr": [1e-3, math.nan], "choice": ["all", "never"]}
+    )
+    rows = pd.DataFrame(
+        {
+            "arm": ["lora"] * 4 + ["circuit"],
+            "lr": [1e-3, 1e-3, 1e-2, 1e-2, 1e-3],
+            "test_accuracy": [0.2, 0.4, 0.7, 0.5, 0.95],
+        }
+    )
+    filled = with_fallback_rates(best, rows)
+    assert filled["lr"].tolist() == [1e-3, 1e-2]  # lora: mean 0.6 at 1e-2 beats 0.3
+    assert filled["choice"].tolist() == ["all", UNREACHED_FALLBACK]
+    assert math.isnan(best["lr"].iloc[1])  # the input is not changed

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument(
         "--full",
         action="store_true",
-        help="the complete protocol: 4 rates, plus top-n and K sweeps",
+        help="the default protocol plus the top-n and K sweeps of circuit-tuning (seed 0)",
     )
     p.add_argument("--out", default=Path("runs/replication"), type=Path, help="output directory")
     p.add_argument(

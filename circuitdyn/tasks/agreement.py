@@ -44,7 +44,9 @@ Generation is pure Python on `random.Random(seed)`: the same seed gives the same
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -513,6 +515,28 @@ def iter_pairs(seed: int = 0, grammar: Grammar = DEFAULT_GRAMMAR) -> Iterator[Ag
         yield grammar.sample(rng)
 
 
+class _SharedStream:
+    """The pairs of `iter_pairs(seed, grammar)` drawn so far, extended on demand: tasks built
+    from the same seed and grammar (a task, its general-capability task and its capability
+    tasks, in every run of a worker process) draw the sentences once. Pairs are immutable, so
+    sharing them is safe; the output is the same as drawing afresh."""
+
+    def __init__(self, seed: int, grammar: Grammar) -> None:
+        self._stream = iter_pairs(seed, grammar)
+        self._drawn: list[AgreementPair] = []
+
+    def __iter__(self) -> Iterator[AgreementPair]:
+        for i in itertools.count():
+            if i == len(self._drawn):
+                self._drawn.append(next(self._stream))
+            yield self._drawn[i]
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_stream(seed: int, grammar: Grammar) -> _SharedStream:
+    return _SharedStream(seed, grammar)
+
+
 def copy_grammar(grammar: Grammar = DEFAULT_GRAMMAR) -> Grammar:
     """The grammar of copy items' sentences: short enough that ``<bos> S S`` fits
     ``grammar.max_words`` tokens (S, period included, has at most ``(max_words - 1) // 2``
@@ -542,7 +566,7 @@ def generate_splits(
     # The grammar has vastly more sentences than any request; the cap only guards against a
     # grammar so small that a split can never fill.
     budget = 50 * missing + 10_000
-    for drawn, pair in enumerate(iter_pairs(seed, grammar)):
+    for drawn, pair in enumerate(_shared_stream(seed, grammar)):
         if missing == 0:
             break
         if drawn >= budget:
