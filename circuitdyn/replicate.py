@@ -29,7 +29,7 @@ import json
 import math
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -205,18 +205,30 @@ def run_all(plan: dict[str, TuningConfig], runs_dir: Path, workers: int, progres
             _tune_in_worker(config.to_dict(), str(runs_dir / name))
             bar.update()
         return
+    # At most `workers` runs are handed to the pool at any time: on Ctrl-C (or a failed run)
+    # nothing is queued behind the runs in flight, which stop with the interrupt (the terminal
+    # signals the workers too) and resume from their checkpoints on the next call.
+    queue = iter(todo.items())
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+
+    def submit_next(running: dict[Future, str]) -> None:
+        item = next(queue, None)
+        if item is not None:
+            name, config = item
+            running[pool.submit(_tune_in_worker, config.to_dict(), str(runs_dir / name))] = name
+
     try:
-        futures = [
-            pool.submit(_tune_in_worker, config.to_dict(), str(runs_dir / name))
-            for name, config in todo.items()
-        ]
-        for future in as_completed(futures):
-            future.result()
-            bar.update()
+        running: dict[Future, str] = {}
+        for _ in range(workers):
+            submit_next(running)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                running.pop(future)
+                future.result()
+                bar.update()
+                submit_next(running)
     except BaseException:
-        # Ctrl-C (or a failed run): drop the queued runs at once instead of running them all
-        # first; the runs in flight stop with the interrupt and resume from their checkpoints.
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
