@@ -52,8 +52,8 @@ from circuitdyn.tasks.agreement import (
 )
 from circuitdyn.tasks.agreement_tasks import AgreementTask
 from circuitdyn.tasks.base import Batch, gather_read_logits, lm_loss
-from circuitdyn.tasks.batching import EncodedSplit, pad_sequences
-from circuitdyn.tasks.capabilities import CAPABILITIES, CapabilityTask
+from circuitdyn.tasks.batching import pad_sequences
+from circuitdyn.tasks.capabilities import CAPABILITIES, CapabilityTask, Probe, encode_probes
 from circuitdyn.tasks.word_tokenizer import (
     build_word_tokenizer,
     load_word_tokenizer,
@@ -518,26 +518,17 @@ def _train_batches(
     n_copy_pairs = round(copy_fraction * pool * batch_size / 2)
     n_pairs = pool * batch_size // 2 - n_copy_pairs
     order_rng = torch.Generator().manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     while True:
         chunk: list[AgreementPair] = list(itertools.islice(pairs, n_pairs))
         sequences = [s.words for p in chunk for s in (p.clean, p.corrupted)]
         for pair in itertools.islice(copies, n_copy_pairs):
             sequences += [(BOS, *s.words[1:], *s.words[1:]) for s in (pair.clean, pair.corrupted)]
         sequences.sort(key=len)
-        encoded = _encode_text(sequences, tokenizer, pad)
+        # Plain text, no read positions: what `lm_loss` needs.
+        encoded = encode_probes([Probe(s, ()) for s in sequences], tokenizer)
         starts = torch.arange(0, len(sequences) - batch_size + 1, batch_size)
         for start in starts[torch.randperm(len(starts), generator=order_rng)].tolist():
             yield encoded.batch(torch.arange(start, start + batch_size))
-
-
-def _encode_text(sequences: list[tuple[str, ...]], tokenizer: Any, pad: int) -> EncodedSplit:
-    """Word sequences as right-padded plain text (no read positions): what `lm_loss` needs."""
-    clean = pad_sequences([tokenizer.convert_tokens_to_ids(list(s)) for s in sequences], pad)
-    lengths = torch.tensor([len(s) for s in sequences])
-    mask = torch.arange(clean.shape[1])[None, :] < lengths[:, None]
-    none = torch.zeros((len(sequences), 0), dtype=torch.long)
-    return EncodedSplit(clean, mask, none, none, none)
 
 
 def _warmup_cosine(warmup: int, steps: int):

@@ -390,6 +390,11 @@ def summarize(rows: pd.DataFrame, matched: pd.DataFrame, best: pd.DataFrame) -> 
     return pd.DataFrame(records)
 
 
+def best_rate_runs(rows: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `runs.csv` of each arm at its chosen rate (every seed)."""
+    return rows.merge(best[["strategy", "lr"]], left_on=["arm", "lr"], right_on=["strategy", "lr"])
+
+
 UNREACHED_FALLBACK = "no run reached the level: the rate with the highest mean test accuracy"
 
 
@@ -469,9 +474,7 @@ def replication_figures(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.Dat
     faith = json.loads((out / "agreement" / "numbers.json").read_text())
     rows = pd.read_csv(out / "runs.csv")
     best = pd.read_csv(out / "best_rates.csv")
-    chosen = rows.merge(
-        best[["strategy", "lr"]], left_on=["arm", "lr"], right_on=["strategy", "lr"]
-    )
+    chosen = best_rate_runs(rows, best)
     group_of = dict(zip(chosen["run"], chosen["arm"], strict=True))
     main = {name: RunStore.open(runs_dir / name) for name in group_of}
     circuit_run = chosen[(chosen["arm"] == "circuit") & (chosen["seed"] == 0)]["run"].iloc[0]
@@ -687,9 +690,7 @@ def replicate(
         written += plots.save_figure(fig, figures_dir / name, formats=formats, plotlyjs="directory")
     changes = A.head_role_changes(roles)
     changes.to_csv(out / "head_role_changes.csv", index=False)
-    chosen = rows.merge(
-        best[["strategy", "lr"]], left_on=["arm", "lr"], right_on=["strategy", "lr"]
-    )
+    chosen = best_rate_runs(rows, best)
     main_runs = [runs_dir / name for name in chosen["run"]]
     report = build_report(
         main_runs,

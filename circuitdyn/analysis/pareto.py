@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from circuitdyn.analysis.dynamics import jaccard
 from circuitdyn.analysis.trajectories import betainc_regularized, t_test_p_value
 from circuitdyn.circuit import Circuit
 from circuitdyn.graph import Graph
@@ -432,11 +433,9 @@ def compare_at_matched(
 # ---------------------------------------------------------------------------------------------
 # chance overlap of random circuits
 # ---------------------------------------------------------------------------------------------
-def _jaccard_rows(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Row-wise intersection over union of two bool matrices (1.0 where both rows are empty)."""
-    inter = (a & b).sum(dim=-1).double()
-    union = (a | b).sum(dim=-1).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).numpy()
+def _jaccard(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Row-wise Jaccard of two bool matrices, by the analyses' one Jaccard."""
+    return jaccard(a.numpy(), b.numpy())
 
 
 def _spread(values: np.ndarray, prefix: str) -> dict[str, float]:
@@ -494,10 +493,10 @@ def chance_overlap(
     first, second = slice(0, draws), slice(draws, 2 * draws)
     ref_edges, ref_nodes = reference.flat()[None, :], reference.node_mask[None, :]
     return {
-        **_spread(_jaccard_rows(nodes[first], ref_nodes), "node_iou"),
-        **_spread(_jaccard_rows(edges[first], ref_edges), "edge_iou"),
-        **_spread(_jaccard_rows(edges[first], edges[second]), "churn"),
-        **_spread(_jaccard_rows(nodes[first], nodes[second]), "node_churn"),
+        **_spread(_jaccard(nodes[first], ref_nodes), "node_iou"),
+        **_spread(_jaccard(edges[first], ref_edges), "edge_iou"),
+        **_spread(_jaccard(edges[first], edges[second]), "churn"),
+        **_spread(_jaccard(nodes[first], nodes[second]), "node_churn"),
         "n": used,
         "draws": draws,
         "selection": selection,

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from circuitdyn.registry import Registry
 from circuitdyn.tasks.agreement_tasks import AgreementTask
 from circuitdyn.tasks.base import Batch, Metric, Task, accuracy, lm_loss, logit_diff
-from circuitdyn.tasks.capabilities import CAPABILITIES, CapabilityTask
+from circuitdyn.tasks.capabilities import CAPABILITIES, CapabilityTask, capability_suite
 from circuitdyn.tasks.sv_jsonl import SvJsonlTask
 from circuitdyn.tasks.text import TextTask
 
@@ -71,7 +71,7 @@ def _capabilities_of_agreement(
     tokenizer: Any, cfg: Any, seed: int, twins: bool, **options: Any
 ) -> dict[str, Task]:
     sizes = {k: v for k, v in options.items() if k in ("n_train", "n_dev", "n_test")}
-    return {name: _capability(name)(tokenizer, cfg, seed, False, **sizes) for name in CAPABILITIES}
+    return dict(capability_suite(tokenizer, seed=seed, **sizes))
 
 
 def _sv_jsonl(tokenizer: Any, cfg: Any, seed: int, twins: bool, **options: Any) -> Task:
