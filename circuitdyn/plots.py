@@ -109,6 +109,7 @@ _SHORT_LABELS = {
     "test_metric": "test metric",
     "test_accuracy": "test accuracy",
     "test_general_loss": "test general loss",
+    "test_cap_mean": "test capability accuracy",
 }
 _UNITS = {
     "dev_metric": "logits",
@@ -1758,10 +1759,8 @@ def _bands(
     """One line per ``group`` of ``table`` (rows: one per run and x): the mean of ``value``
     over the group's runs, with a ± std band when the group has several runs."""
     fig = go.Figure()
-    palette = _palette()
     groups = list(order) if order is not None else list(dict.fromkeys(table[group]))
-    if set(groups) <= set(STRATEGY_COLOURS):  # strategies: the colours of every comparison
-        palette = [STRATEGY_COLOURS[name] for name in groups]
+    palette = _group_colours(groups)
     for i, name in enumerate(groups):
         rows = table[(table[group] == name)].dropna(subset=[value])
         if rows.empty:
@@ -1870,8 +1869,8 @@ def final_metrics_bars(
         subplot_titles=[_SHORT_LABELS.get(m, m) for m in present],
         horizontal_spacing=0.08,
     )
-    palette = _palette()
     key = "group" if "group" in finals.columns else "run"
+    palette = _group_colours([str(g) for g in dict.fromkeys(finals[key])])
     seeds = finals.groupby(key, sort=False).size().max() > 1 if len(finals) else False
     for i, metric in enumerate(present):
         stats = finals.groupby(key, sort=False)[metric].agg(
@@ -2300,6 +2299,14 @@ STRATEGY_COLOURS = {
     "full": "#d62728",
 }
 """One colour per tuning strategy, the same in every Pareto figure (others: the palette)."""
+
+
+def _group_colours(groups: Sequence[str]) -> list[str]:
+    """One colour per group, in order: the strategies' own colours when every group is a
+    strategy (so an arm looks the same in every figure), else the palette."""
+    if set(groups) <= set(STRATEGY_COLOURS):
+        return [STRATEGY_COLOURS[name] for name in groups]
+    return _palette()
 
 
 def _strategy_colours(strategies: Sequence[str]) -> dict[str, str]:

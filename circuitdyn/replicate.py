@@ -503,10 +503,6 @@ def replication_figures(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.Dat
     )
     nodes, edges = A.circuit_evolution(store, max_frames=80)
     researching = {n: s for n, s in main.items() if group_of[n] in RESEARCHING}
-    sizes = pd.concat(
-        [A.circuit_sizes(s).assign(group=group_of[n], run=n) for n, s in researching.items()],
-        ignore_index=True,
-    )
     churn = pd.concat(
         [
             A.churn_counts(A.churn(s)).assign(group=group_of[n], run=n)
@@ -536,7 +532,11 @@ def replication_figures(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.Dat
         "strategy_capabilities": plots.strategy_curves_figure(curves, "dev_cap_mean")
         if "dev_cap_mean" in curves
         else None,
-        "final_metrics": plots.final_metrics_bars(finals),
+        "final_metrics": plots.final_metrics_bars(
+            finals,
+            ("test_accuracy", "test_metric"),
+            title="Final test evaluation per arm (each at its best rate)",
+        ),
         "circuit_key_steps": plots.circuit_small_multiples(
             key_nodes,
             with_shares(key_edges),
@@ -563,12 +563,6 @@ def replication_figures(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.Dat
             "jaccard_edges_prev_smoothed",
             title="Circuit churn of the circuit-tuning arms: edge Jaccard with the previous step "
             "(smoothed)",
-        ),
-        "sizes_over_seeds": plots.band_figure(
-            sizes,
-            "n_edges",
-            title="Circuit size of the circuit-tuning arms (edges)",
-            y_from_zero=True,
         ),
         "membership_sankey": plots.membership_sankey(
             A.membership_flows(A.phase_membership(store, analysis_pipeline.key_phases(keys)))

@@ -368,7 +368,13 @@ def _comparison_section(page: _Page, results: Sequence[RunAnalysis]) -> None:
     tables, figs, numbers = comparison(results)
     page.section("Comparison of runs")
     finals = tables["final_evals"].drop(columns="directory")
-    page.raw(_table_html(finals))
+    table = _table_html(finals)
+    if len(finals) > 10:  # many runs (seeds x rates): the figures first, the numbers on demand
+        table = (
+            f"<details><summary>Final evaluation of each run ({len(finals)} runs)</summary>"
+            f"{table}</details>"
+        )
+    page.raw(table)
     for heading, names in _COMPARISON_GROUPS:
         present = [n for n in names if n in figs]
         if not present:
