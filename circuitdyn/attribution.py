@@ -312,6 +312,7 @@ def eap_with_loss(
     loss_fn: Callable[[Tensor, Batch], Tensor],
     ablated: Float[Tensor, "n_src batch pos d_model"],
     positions: Bool[Tensor, "batch pos"] | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Float[Tensor, "n_src n_dst"], Float[Tensor, "batch pos d_vocab"], Tensor]:
     """EAP scores and a training loss from one shared clean forward pass (circuit-tuning).
 
@@ -319,7 +320,9 @@ def eap_with_loss(
     activations only (no weight gradients), then returns ``(scores, logits, loss)`` where
     `scores` are *summed* over the batch's examples and `loss` still has its autograd graph:
     ``loss.backward()`` then yields the parameter gradients. `ablated` are the ablated source
-    activations (`ablated_sources`); `ablated` is consumed (overwritten with the differences)."""
+    activations (`ablated_sources`); `ablated` is consumed (overwritten with the differences).
+    `forward` runs the clean pass instead of ``model(tokens)``: a `DistributedDataParallel`
+    wrapper of `model`, so that ``loss.backward()`` all-reduces the gradients."""
     mask = position_mask(batch, positions)
     scores = ablated.new_zeros(graph.n_src, graph.n_dst)
     delta = ablated
@@ -334,7 +337,7 @@ def eap_with_loss(
     hooks = [*source_hooks(model, graph, write), ("blocks.0.hook_resid_pre", capture)]
     hooks += gradient_hooks(model, graph, delta, scores, active=lambda: state["metric_pass"])
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(batch.clean)
+        logits = (forward or model)(batch.clean)
     if not captured["input"].requires_grad:
         raise ValueError(
             "eap_with_loss needs a model whose parameters require grad (it trains them)"

@@ -37,6 +37,13 @@ the tensor was tuned.
 
 Sharing work: with method ``eap`` the attribution and the training step share the clean
 forward pass (`attribution.eap_with_loss`); other methods run separately, before the update.
+
+Several processes (``torchrun``; `circuitdyn.distributed`): pass ``dist=DistContext...``. Each
+rank tunes its rows of every batch; scores, batch metrics and (through
+`DistributedDataParallel`) gradients are summed over the ranks, so every rank selects the same
+circuit and takes the same step as one process with the same global batch. Rank 0 alone writes
+the store and evaluates. Strategies ``gradient`` (it would rank slots on each rank's own rows)
+and ``lora`` are single-process only.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from circuitdyn.activations import ABLATIONS, ablated_sources, mean_activations
 from circuitdyn.attribution import attribute, eap_with_loss
 from circuitdyn.circuit import Circuit
 from circuitdyn.config import TuningConfig
+from circuitdyn.distributed import SINGLE, DistContext, fail
 from circuitdyn.evaluate import faithfulness
 from circuitdyn.graph import Graph
 from circuitdyn.lora import LoraAdapters, check_rank
@@ -70,7 +78,14 @@ from circuitdyn.selection import SELECTIONS, select
 from circuitdyn.store import RunStore, flatten_state, strip_prefix, unflatten_state
 from circuitdyn.strategies import STRATEGIES, StrategyInput
 from circuitdyn.tasks import capability_tasks, general_task, load_task
-from circuitdyn.tasks.base import Batch, Task, accuracy, read_positions, take_examples
+from circuitdyn.tasks.base import (
+    Batch,
+    Task,
+    accuracy,
+    lm_loss_weights,
+    read_positions,
+    take_examples,
+)
 
 
 def train_stream(task: Task, batch_size: int, seed: int) -> Iterator[Batch]:
@@ -100,10 +115,12 @@ class _Run:
         model: HookedTransformer,
         task: Task,
         general: Task | None,
-        store: RunStore,
+        store: RunStore | None,
         capabilities: dict[str, Task] | None = None,
+        dist: DistContext = SINGLE,
     ) -> None:
-        self.config, self.model, self.store = config, model, store
+        self.config, self.model, self.store, self.dist = config, model, store, dist
+        self.forward = dist.wrap(model)  # DistributedDataParallel under torchrun
         self.task, self.general = task, general
         self.capabilities = capabilities or {}
         self.strategy = STRATEGIES[config.strategy]
@@ -182,32 +199,43 @@ class _Run:
                 positions=self.positions,
             )
         summed = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.float64)
-        totals = {"loss": 0.0, "metric": 0.0, "accuracy": 0.0}
-        n_examples = sum(batch.size for batch in micro)
-        for batch in micro:
-            if shared:
-                ablated = ablated_sources(model, graph, batch, c.ablation, self.means)
-                part, logits, loss = eap_with_loss(
-                    model,
-                    graph,
-                    batch,
-                    self.task.metric,
-                    self.task.loss,
-                    ablated,
-                    None if self.positions is None else self.positions(batch),
-                )
-                summed += part.detach().double().cpu()
-            else:
-                logits = model(batch.clean)
-                loss = self.task.loss(logits, batch)
-            (loss / len(micro)).backward()
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, metric, accuracy sums; examples
+        scales = self._loss_scales(micro)
+        for i, batch in enumerate(micro):
+            with self.dist.no_sync(self.forward, last=i == len(micro) - 1):
+                if shared:
+                    ablated = ablated_sources(model, graph, batch, c.ablation, self.means)
+                    part, logits, loss = eap_with_loss(
+                        model,
+                        graph,
+                        batch,
+                        self.task.metric,
+                        self.task.loss,
+                        ablated,
+                        None if self.positions is None else self.positions(batch),
+                        forward=self.forward,
+                    )
+                    summed += part.detach().double().cpu()
+                else:
+                    logits = self.forward(batch.clean)
+                    loss = self.task.loss(logits, batch)
+                (loss * scales[i] / len(micro)).backward()
             logits = logits.detach()
-            totals["loss"] += float(loss.detach()) * batch.size
-            totals["metric"] += float(self.task.metric(logits, batch).sum())
-            totals["accuracy"] += float(accuracy(logits, batch).sum())
-        if shared:
+            # scales: this rank's share of the micro-batch's loss (1 on one process)
+            totals[0] += float(loss.detach()) * scales[i] * batch.size
+            totals[1] += float(self.task.metric(logits, batch).sum())
+            totals[2] += float(accuracy(logits, batch).sum())
+            totals[3] += batch.size
+        local_examples = float(totals[3])
+        self.dist.sum(totals)
+        n_examples = float(totals[3])
+        if shared or (scores is not None and self.dist.distributed):
+            # Every rank divides the same global sum by the same count: the same circuit.
             meta = {"method": c.method, "ablation": c.ablation}
-            scores = Scores(graph, summed / n_examples, meta)
+            if not shared:  # attribute() gave this rank's mean: back to its sum
+                meta = scores.meta | {"n_examples": n_examples}
+                summed = scores.edges.double().cpu() * local_examples
+            scores = Scores(graph, self.dist.sum(summed) / n_examples, meta)
         time_forward = time.perf_counter() - started
 
         tuned = self._choose_circuit(step, scores, micro[0])
@@ -225,7 +253,8 @@ class _Run:
             n_tunable = sum(p.numel() for p in self.params.values())
         else:
             n_tunable = sum(int(m.sum()) for m in masks.values())
-        metrics = {name: value / n_examples for name, value in totals.items()}
+        sums = dict(zip(("loss", "metric", "accuracy"), totals[:3].tolist(), strict=True))
+        metrics = {name: value / n_examples for name, value in sums.items()}
         metrics.update(
             lr=lr,
             grad_norm=grad_norm,
@@ -237,6 +266,8 @@ class _Run:
             time_s=time.perf_counter() - started,
             time_forward_s=time_forward,
         )
+        if self.store is None:  # ranks other than 0 write nothing
+            return metrics
         nan_edges = torch.full((graph.n_src, graph.n_dst), math.nan)
         self.store.append(
             step,
@@ -248,6 +279,19 @@ class _Run:
             metrics=metrics,
         )
         return metrics
+
+    def _loss_scales(self, micro: list[Batch]) -> list[float]:
+        """Factor of each micro-batch's loss so that the ranks' gradients, averaged by the
+        all-reduce, are the gradient of the loss of the whole (global) micro-batch: a rank's
+        loss is a mean over its own weighted tokens, so it counts by its share of the tokens."""
+        if not self.dist.distributed:
+            return [1.0] * len(micro)
+        weigh = getattr(self.task, "loss_weights", lm_loss_weights)
+        local = torch.tensor([float(weigh(b).sum()) for b in micro], dtype=torch.float64)
+        total = self.dist.sum(local.clone())
+        if bool((total <= 0).any()):
+            raise ValueError("a training batch has no weighted next-token targets on any rank")
+        return (self.dist.world_size * local / total).tolist()
 
     def _choose_circuit(self, step: int, scores: Scores | None, batch: Batch) -> Circuit | None:
         """The circuit update `step` tunes (None: every parameter), after selecting a new one
@@ -285,7 +329,10 @@ class _Run:
     @torch.no_grad()
     def evaluate(self, step: int, split: str = "dev") -> dict[str, float]:
         """Metric and accuracy on `split`, general-capability loss, and faithfulness of the
-        current circuit; logged at `step` with keys prefixed by the split (``dev_metric``...)."""
+        current circuit; logged at `step` with keys prefixed by the split (``dev_metric``...).
+        Rank 0 alone evaluates under torchrun (the others return an empty dict)."""
+        if self.store is None:
+            return {}
         model, task = self.model, self.task
         data = self.eval_batches("task", split)
         metric_sum = acc_sum = 0.0
@@ -323,6 +370,8 @@ class _Run:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self, step: int) -> None:
+        if self.store is None:  # rank 0 writes; the ranks' states are identical
+            return
         optim_tensors, skeleton = flatten_state(self.optimizer.state_dict(), "optimizer")
         state = self.model.state_dict() if self.lora is None else self.lora.model_state_dict()
         tensors = {f"model.{k}": v for k, v in state.items()}
@@ -359,8 +408,11 @@ class _Run:
         if self.lora is not None and not self.lora.merged:
             self.lora.merge()
 
-    def load(self, step: int) -> None:
-        tensors, meta = self.store.load_checkpoint(step, device=self.device)
+    def load(self, step: int, store: RunStore | None = None) -> None:
+        """Restore the checkpoint of `step` from the run's store (or `store`, read only)."""
+        store = store if store is not None else self.store
+        assert store is not None
+        tensors, meta = store.load_checkpoint(step, device=self.device)
         if self.lora is None:
             self.model.load_state_dict(strip_prefix(tensors, "model"))
         else:
@@ -383,6 +435,7 @@ def tune(
     overwrite: bool = False,
     model: HookedTransformer | None = None,
     progress: bool = True,
+    dist: DistContext = SINGLE,
 ) -> RunSummary:
     """Run (or resume) a tuning run into the run directory `out` and return its summary.
 
@@ -396,12 +449,16 @@ def tune(
     same weights and snapshots as an uninterrupted run with the same config; every snapshot and
     checkpoint is verified first, and the run restarts after the last step whose snapshots and
     checkpoint are intact (damaged files are reported by a warning and replaced). Without
-    `resume`, an existing run in `out` is an error unless `overwrite`."""
+    `resume`, an existing run in `out` is an error unless `overwrite`.
+
+    Under torchrun pass `dist` (`DistContext.from_environment()`): every rank runs `tune` with
+    the same config; the summary's metrics are rank 0's (the others' are empty)."""
     out = Path(out)
+    _check_distributed(config, dist)
     torch.manual_seed(config.seed)
     given = model
     if model is None:
-        model = load_model(config.model)
+        model = load_model(config.model, device=dist.device)
     model.train()
     if STRATEGIES[config.strategy].lora:
         check_rank(model, config.lora_rank)  # before anything is built or written
@@ -428,16 +485,18 @@ def tune(
         "snapshot_semantics": "scores on the step's batch with parameters before the step's update",
         **data_notes(task, config.ablation),
     }
-    if resume and (out / "manifest.json").exists():
-        store = RunStore.open(out)
-        saved = {k: v for k, v in store.config.to_dict().items() if k != "steps"}
-        if saved != {k: v for k, v in config.to_dict().items() if k != "steps"}:
-            raise ValueError(
-                f"cannot resume {out}: its config differs from this one; resume with the same "
-                "settings (only --steps may change)"
-            )
-    else:
-        store = RunStore.create(
+
+    def open_store() -> RunStore:
+        if resume and (out / "manifest.json").exists():
+            store = RunStore.open(out)
+            saved = {k: v for k, v in store.config.to_dict().items() if k != "steps"}
+            if saved != {k: v for k, v in config.to_dict().items() if k != "steps"}:
+                raise ValueError(
+                    f"cannot resume {out}: its config differs from this one; resume with the "
+                    "same settings (only --steps may change)"
+                )
+            return store
+        return RunStore.create(
             out,
             manifest=manifest,
             src_names=graph.src_names,
@@ -447,23 +506,45 @@ def tune(
             score_dtype=getattr(torch, config.score_dtype),
             overwrite=resume or overwrite,
         )
-    run = _Run(config, model, task, general, store, capabilities)
+
+    store = dist.on_main(open_store)  # None on the other ranks: they write nothing
+    run = _Run(config, model, task, general, store, capabilities, dist)
     try:
-        _train(run, resume, progress)
+        _train(run, out if resume else None, progress and dist.is_main)
         run.finish()
         model.eval()
         final = run.evaluate(config.steps)
         final.update(run.evaluate(config.steps, split="test"))
     finally:  # also after an interruption: LoRA adapters merged, the store's lock released
         run.finish()
-        store.close()
+        if store is not None:
+            store.close()
     return RunSummary(out, config.strategy, config.steps, final)
 
 
-def _train(run: _Run, resume: bool, progress: bool) -> None:
-    """The optimizer steps of `run` (from its resume point), with evaluations and checkpoints."""
-    config, model = run.config, run.model
-    start = _resume_point(run) if resume else 0
+def _check_distributed(config: TuningConfig, dist: DistContext) -> None:
+    """One-line errors (on rank 0) for settings a multi-process run cannot honour."""
+    if not dist.distributed:
+        return
+    dist.check_divides(config.batch_size)
+    if config.strategy in ("gradient", "lora"):
+        raise fail(
+            f"--strategy {config.strategy} runs on one process only (each rank would choose "
+            "from its own rows); run it without torchrun"
+        )
+    dist.check_same(config.to_dict(), "the tuning options")
+
+
+def _train(run: _Run, resume_from: Path | None, progress: bool) -> None:
+    """The optimizer steps of `run` (from the resume point of the run in `resume_from`, if
+    given), with evaluations and checkpoints. Every rank reads the whole stream and keeps its
+    rows of each batch."""
+    config, model, dist = run.config, run.model, run.dist
+    start = 0
+    if resume_from is not None:  # rank 0 checks and repairs the files; the others then load
+        start = dist.broadcast(dist.on_main(lambda: _resume_point(run)))
+        if not dist.is_main and start > 0:
+            run.load(start - 1, RunStore.open(resume_from))
     stream = islice(
         train_stream(run.task, config.batch_size, config.seed), start * config.grad_accum, None
     )
@@ -481,7 +562,7 @@ def _train(run: _Run, resume: bool, progress: bool) -> None:
             if step == 0:  # the untuned model on the test split, to compare the final one with
                 run.evaluate(step, split="test")
             model.train()
-        micro = [next(stream).to(run.device) for _ in range(config.grad_accum)]
+        micro = [dist.shard(next(stream)).to(run.device) for _ in range(config.grad_accum)]
         metrics = run.step(step, micro)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", metric=f"{metrics['metric']:.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

@@ -4,7 +4,7 @@ Each module here adds subcommands with ``register(subparsers)`` and calls the li
 library never imports this package. Errors the user can fix (bad options, missing or damaged
 files, an existing run) end the command with one line that names the problem and the fix, and
 exit status 2; Ctrl-C exits with 130 and says how to continue. Anything else is a bug and keeps
-its traceback.
+its traceback. Under torchrun, rank 0 prints the errors that every rank meets alike.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import warnings
 
 from circuitdyn.cli import experiments, formation, runs, scores, tune
 from circuitdyn.cli.common import CliError, UserErrors, one_line
+from circuitdyn.distributed import PeerError, PeerLostError
 from circuitdyn.store import StoreLockedError
 
 _MODULES = (scores, tune, runs, experiments, formation)
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
+        except PeerError:  # rank 0 of the torchrun job prints the error
+            return 2
+        except PeerLostError as error:  # another rank died: say so, without a traceback
+            print(f"circuitdyn {args.command}: error: {one_line(error)}", file=sys.stderr)
+            return 1
         except (CliError, StoreLockedError, *UserErrors) as error:
             print(f"circuitdyn {args.command}: error: {one_line(error)}", file=sys.stderr)
             return 2

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from circuitdyn.activations import ABLATIONS
+from circuitdyn.distributed import BACKENDS, DEFAULT_TIMEOUT_S, DistContext
 from circuitdyn.models import load_model
 from circuitdyn.registry import Registry
 from circuitdyn.tasks import TASKS, Batch, Task, load_task
@@ -67,6 +70,36 @@ def check_writable(path: Path) -> None:
             f"cannot write to {path}: {folder} is not writable ({error.strerror}); "
             "choose another --out"
         ) from None
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    """Options that matter only under ``torchrun --nproc-per-node N`` (ignored otherwise)."""
+    group = parser.add_argument_group("under torchrun")
+    group.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="torch.distributed backend (default: auto = nccl with CUDA, else gloo)",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="seconds a process waits for the others before failing instead of hanging "
+        f"(default: {DEFAULT_TIMEOUT_S:g})",
+    )
+
+
+@contextmanager
+def distributed_context(args: argparse.Namespace) -> Iterator[DistContext]:
+    """The torchrun job this command runs in (the single process outside torchrun); the
+    process group is left at the end, also after an error."""
+    dist = DistContext.from_environment(args.backend, args.dist_timeout)
+    try:
+        yield dist
+    finally:
+        dist.close()
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, task: str) -> None:

@@ -12,8 +12,10 @@ from typing import Any
 
 from circuitdyn.cli.common import (
     add_data_options,
+    add_distributed_options,
     check_output_dir,
     choices_help,
+    distributed_context,
     task_options,
     with_default,
 )
@@ -78,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in --out")
     group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    add_distributed_options(p)
     p.set_defaults(func=_tune)
 
 
@@ -92,12 +95,16 @@ def config_from_args(args: argparse.Namespace) -> TuningConfig:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     config = config_from_args(args)
     command = [a for a in _argv(args) if a not in ("--overwrite", "--resume")]
     args.resume_hint = f"continue with: circuitdyn tune {shlex.join(command)} --resume"
-    summary = tune(config, args.out, resume=args.resume, overwrite=args.overwrite)
-    print(summary.line())
+    with distributed_context(args) as dist:
+        dist.on_main(
+            lambda: check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+        )
+        summary = tune(config, args.out, resume=args.resume, overwrite=args.overwrite, dist=dist)
+        if dist.is_main:
+            print(summary.line())
     return 0
 
 

@@ -211,14 +211,24 @@ def accuracy(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Te
     return ((target > foil) & used).sum(dim=1) / used.sum(dim=1)
 
 
+def lm_loss_weights(
+    batch: Batch, dtype: torch.dtype = torch.float32
+) -> Float[Tensor, "batch pos_1"]:
+    """Weight of each next-token target in `lm_loss`: 1 for a real token (times `lm_weight`
+    when given), 0 for padding. Their sum is the loss's normaliser, which data-parallel
+    training needs to weight each rank's share of a batch."""
+    weight = batch.attention_mask[:, 1:].to(dtype)
+    if batch.lm_weight is not None:
+        weight = weight * batch.lm_weight[:, :-1].to(dtype)
+    return weight
+
+
 def lm_loss(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, ""]:
     """Next-token cross-entropy on real tokens, weighted by `lm_weight` when given (nats)."""
     log_probs = logits[:, :-1].log_softmax(dim=-1)
     next_tokens = batch.clean[:, 1:]
     nll = -log_probs.gather(-1, next_tokens[..., None])[..., 0]
-    weight = batch.attention_mask[:, 1:].to(nll.dtype)
-    if batch.lm_weight is not None:
-        weight = weight * batch.lm_weight[:, :-1].to(nll.dtype)
+    weight = lm_loss_weights(batch, nll.dtype)
     total = weight.sum()
     if float(total) <= 0:
         raise ValueError("lm_loss: the batch has no weighted next-token targets")
