@@ -14,6 +14,7 @@ from circuitdyn.activations import ABLATIONS
 from circuitdyn.attribution import METHODS, attribute
 from circuitdyn.circuit import Circuit
 from circuitdyn.config import TuningConfig
+from circuitdyn.distributed import DistContext
 from circuitdyn.evaluate import (
     MIB_GRID,
     Faithfulness,
@@ -48,6 +49,7 @@ __all__ = [
     "Batch",
     "Circuit",
     "CircuitRecorder",
+    "DistContext",
     "Faithfulness",
     "Graph",
     "ParameterPolicy",

@@ -101,13 +101,14 @@ def source_hooks(
         return hook
 
     hooks: list[Hook] = [("blocks.0.hook_resid_pre", writer(0))]
+    # The weights are read when the hook runs, inside the block's forward: under FSDP the
+    # block's parameters are gathered then, and sharded when the hooks are built.
     for layer in range(graph.n_layers):
-        W_O = model.blocks[layer].attn.W_O
-        to_heads = lambda z, W_O=W_O: head_outputs(z, W_O)  # noqa: E731
+        attn, mlp = model.blocks[layer].attn, getattr(model.blocks[layer], "mlp", None)
+        to_heads = lambda z, attn=attn: head_outputs(z, attn.W_O)  # noqa: E731
         hooks.append((f"blocks.{layer}.attn.hook_z", writer(graph.head_src(layer), to_heads)))
         if graph.mlp_blocks > 1:
-            W_out = model.blocks[layer].mlp.W_out
-            to_blocks = lambda post, W=W_out: block_outputs(post, W, graph.mlp_blocks)  # noqa: E731
+            to_blocks = lambda post, mlp=mlp: block_outputs(post, mlp.W_out, graph.mlp_blocks)  # noqa: E731
             hooks.append((f"blocks.{layer}.mlp.hook_post", writer(graph.mlp_src(layer), to_blocks)))
         elif graph.has_mlp:  # the whole MLP, b_out included
             to_one = lambda out: out[None]  # noqa: E731

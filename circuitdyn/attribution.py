@@ -45,6 +45,7 @@ from circuitdyn.activations import (
     work_dtype,
 )
 from circuitdyn.graph import QKV, Graph
+from circuitdyn.memory import examples_per_chunk
 from circuitdyn.patching import run_patched
 from circuitdyn.registry import Registry
 from circuitdyn.scores import Scores
@@ -87,9 +88,11 @@ def gradient_hooks(
         return hook
 
     def input_grad(key: str, norm, grad_normed: Tensor, out: Tensor | None = None) -> Tensor:
-        """Gradient w.r.t. the norm's input (shape of `grad_normed`, [..., tokens, d_model])."""
+        """Gradient w.r.t. the norm's input (shape of `grad_normed`, [..., tokens, d_model]), in
+        `delta`'s dtype (a 16-bit `delta` meets the norm's float32 statistics here)."""
         stats = norms[key]
-        return norm_vjp(is_centering(norm), stats["normalized"], stats["scale"], grad_normed, out)
+        grad = norm_vjp(is_centering(norm), stats["normalized"], stats["scale"], grad_normed, out)
+        return grad.to(delta.dtype)
 
     hooks: list[Hook] = []
     for layer in range(graph.n_layers):
@@ -249,6 +252,8 @@ def attribute(
     means: Float[Tensor, "n_src mean_pos d_model"] | None = None,
     positions: PositionFilter | None = None,
     progress: bool = False,
+    memory_budget: int | None = None,
+    diff_dtype: torch.dtype | None = None,
 ) -> Scores:
     """Score every edge of `graph` for `metric` over the batches of `data`.
 
@@ -266,6 +271,13 @@ def attribute(
         means: precomputed mean activations (`mean_activations`) instead of `reference`.
         positions: optional ``batch -> [batch, pos]`` bool mask restricting the positions whose
             activations are ablated (and summed over).
+        memory_budget: bytes the attribution's peak may take, the model's parameters included
+            (None: no limit). Each batch is scored in chunks of as many examples as
+            `circuitdyn.memory.examples_per_chunk` estimates to fit; the scores are the same
+            (sums over examples). ValueError when not even one example fits.
+        diff_dtype: dtype of the stored activation differences and per-layer gradient buffers,
+            e.g. ``torch.bfloat16`` (default: `work_dtype(model)`, float32 or float64); the
+            scores still accumulate in float32 (float64 for float64 differences).
 
     Returns `Scores` (float32, CPU): mean over examples of the per-example score.
     """
@@ -279,7 +291,10 @@ def attribute(
                 f"ablation={ablation!r} needs reference=<batches> (or means=) to average over"
             )
         means = mean_activations(model, graph, reference, per_position=per_position)
-    scores = torch.zeros(graph.n_src, graph.n_dst, device=device, dtype=work_dtype(model))
+    diff_dtype = diff_dtype or work_dtype(model)
+    if not diff_dtype.is_floating_point:
+        raise ValueError(f"diff_dtype must be a floating-point dtype, got {diff_dtype}")
+    scores = torch.zeros(graph.n_src, graph.n_dst, device=device, dtype=_accumulation(diff_dtype))
     n_examples = 0
     batches = tqdm(data, desc=f"attribute ({method})", disable=not progress)
     for batch in batches:
@@ -288,8 +303,18 @@ def attribute(
         batch = batch.to(device)
         check_tokens(batch, model.cfg.d_vocab, model.cfg.n_ctx)
         mask = position_mask(batch, None if positions is None else positions(batch))
-        ablated = ablated_sources(model, graph, batch, ablation, means)
-        scores += score_batch(BatchJob(model, graph, batch, metric, ablated, mask, steps, progress))
+        chunk = batch.size
+        if memory_budget is not None:
+            options = dict(method=method, ablation=ablation)
+            pos = batch.clean.shape[1]
+            chunk = examples_per_chunk(model, graph, pos, memory_budget, diff_dtype, **options)
+        for start in range(0, batch.size, chunk):
+            rows = slice(start, start + chunk)
+            part = batch if chunk >= batch.size else batch.select(rows)
+            ablated = _ablated_sources(model, graph, part, ablation, means, diff_dtype)
+            job = BatchJob(model, graph, part, metric, ablated, mask[rows], steps, progress)
+            scores += score_batch(job)
+            del ablated, job  # free this chunk's differences before the next one's are built
         n_examples += batch.size
     if n_examples == 0:
         raise ValueError("attribute() got no data: the iterable of batches was empty")
@@ -302,6 +327,39 @@ def attribute(
         "per_position": per_position if ABLATIONS[ablation].needs_means else None,
     }
     return Scores(graph, scores / n_examples, meta)
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    """Scores accumulate in float32 at least (float64 for float64 differences)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _ablated_sources(
+    model: HookedTransformer,
+    graph: Graph,
+    batch: Batch,
+    ablation: str,
+    means: Tensor | None,
+    dtype: torch.dtype,
+) -> Float[Tensor, "n_src batch pos d_model"]:
+    """`ablated_sources` in `dtype`. Corrupted ablation writes each source straight into a
+    `dtype` tensor (no float32 copy of the whole tensor); mean ablation casts the means first."""
+    if dtype == work_dtype(model):
+        return ablated_sources(model, graph, batch, ablation, means)
+    if ABLATIONS[ablation].needs_corrupted and batch.corrupted is not None:
+        size, pos = batch.corrupted.shape
+        out = torch.empty(
+            graph.n_src, size, pos, model.cfg.d_model, device=batch.clean.device, dtype=dtype
+        )
+
+        def write(index: slice | int, value: Tensor) -> None:
+            out[index] = value
+
+        with torch.no_grad(), model.hooks(fwd_hooks=source_hooks(model, graph, write)):
+            model(batch.corrupted, return_type=None)
+        return out
+    means = None if means is None else means.to(dtype)
+    return ablated_sources(model, graph, batch, ablation, means).to(dtype)
 
 
 def eap_with_loss(
@@ -367,7 +425,7 @@ class BatchJob:
 def _eap_batch(job: BatchJob) -> Tensor:
     """Summed (not averaged) EAP scores of one batch: the gradient at the clean input."""
     model, graph, batch, metric, ablated = job.model, job.graph, job.batch, job.metric, job.ablated
-    scores = ablated.new_zeros(graph.n_src, graph.n_dst)
+    scores = ablated.new_zeros(graph.n_src, graph.n_dst, dtype=_accumulation(ablated.dtype))
     delta = ablated  # becomes ablated - clean, masked, as the clean run writes each source
     leaf: dict[str, Tensor] = {}
     hooks = [
@@ -385,7 +443,7 @@ def _eap_ig_batch(job: BatchJob) -> Tensor:
     """Summed EAP-IG scores of one batch: the clean run fixes the differences; each of `steps`
     passes back-propagates from an input interpolated between the ablated and the clean one."""
     model, graph, batch, metric, ablated = job.model, job.graph, job.batch, job.metric, job.ablated
-    scores = ablated.new_zeros(graph.n_src, graph.n_dst)
+    scores = ablated.new_zeros(graph.n_src, graph.n_dst, dtype=_accumulation(ablated.dtype))
     delta = ablated
     write = difference_writer(delta, job.mask)
     leaf: dict[str, Tensor] = {}
@@ -415,7 +473,7 @@ def _eap_ig_batch(job: BatchJob) -> Tensor:
 def _exact_batch(job: BatchJob) -> Tensor:
     """Summed exact scores of one batch: one patched forward pass per real edge."""
     model, graph, batch, metric, ablated = job.model, job.graph, job.batch, job.metric, job.ablated
-    scores = ablated.new_zeros(graph.n_src, graph.n_dst)
+    scores = ablated.new_zeros(graph.n_src, graph.n_dst, dtype=_accumulation(ablated.dtype))
     with torch.no_grad():
         clean = _metric_sum(metric, model(batch.clean), batch)
         weights = ablated.new_zeros(graph.n_src, graph.n_dst)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from circuitdyn.scores import Scores
 from circuitdyn.tasks.base import Batch
 
 T = TypeVar("T")
@@ -183,6 +184,16 @@ class DistContext:
                 f"{what} differ across processes (ranks {differing} disagree with rank 0); "
                 "start every rank with the same command line"
             )
+
+    def mean_scores(self, scores: Scores) -> Scores:
+        """The mean over every rank's examples of per-rank mean `scores` (each rank's
+        ``meta["n_examples"]`` weighs it); the same `Scores` on every rank."""
+        if not self.distributed:
+            return scores
+        n_local = float(scores.meta["n_examples"])
+        summed = self.sum(scores.edges.double() * n_local)
+        n = self.sum(torch.tensor(n_local, dtype=torch.float64))
+        return Scores(scores.graph, summed / n, scores.meta | {"n_examples": int(n)})
 
     def on_main(self, fn: Callable[[], T]) -> T | None:
         """Run `fn` on rank 0 only and let the others wait for it; an error raised there is

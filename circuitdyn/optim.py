@@ -3,6 +3,11 @@ exactly as it was (values, weight decay, optimizer moments).
 
 Takes plain arguments (parameters, masks, optimizer settings), never a `TuningConfig`, so that
 any training loop can use it.
+
+Sharded parameters (FSDP2 ``fully_shard``, see `circuitdyn.sharding`): the masks stay full-shape
+plain tensors (`circuitdyn.ownership.parameter_masks` on the sharded model); a parameter or
+gradient that is a `DTensor` gets its mask laid out the same way (`sharding.shard_like`, no
+communication), so every rank updates exactly the owned entries of its shard.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+
+from circuitdyn.sharding import shard_like
 
 
 def make_optimizer(
@@ -45,7 +52,7 @@ def restrict_gradients(
         if mask is None or not bool(mask.any()):
             param.grad = None
         elif not bool(mask.all()):
-            param.grad.mul_(mask)
+            param.grad.mul_(shard_like(mask, param.grad))
 
 
 def masked_step(
@@ -67,7 +74,7 @@ def masked_step(
             for key, value in optimizer.state.get(param, {}).items()
             if isinstance(value, Tensor) and value.shape == param.shape
         }
-        saved.append((param, mask, param.detach().clone(), state))
+        saved.append((param, shard_like(mask, param), param.detach().clone(), state))
     optimizer.step()
     with torch.no_grad():
         for param, mask, before, state in saved:

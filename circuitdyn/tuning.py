@@ -44,6 +44,18 @@ rank tunes its rows of every batch; scores, batch metrics and (through
 circuit and takes the same step as one process with the same global batch. Rank 0 alone writes
 the store and evaluates. Strategies ``gradient`` (it would rank slots on each rank's own rows)
 and ``lora`` are single-process only.
+
+FSDP (``fsdp=True``, ``--fsdp``; `circuitdyn.sharding`): under torchrun the model is sharded
+block by block with FSDP2 instead of being wrapped in DDP, so each rank holds 1/N of the
+parameters, gradients and optimizer moments. The data are split as above; FSDP's backward
+reduce-scatters the gradients, averaged over the ranks as DDP's all-reduce is (so the same loss
+scaling holds), at every micro-batch. The masks are laid out like the shards (frozen entries
+and their moments stay exact). Attribution runs on the shards: its hooks read a block's
+weights while FSDP has gathered that block. Forward passes are collective, so every rank
+evaluates (rank 0 alone logs). Checkpoints hold full tensors in the layout of an unsharded run
+(rank 0 gathers and writes them), so analyses read them as usual and a run can resume with or
+without ``--fsdp`` or with another number of processes; on resume every rank reads the
+checkpoint and keeps its shards.
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import count, islice
 from pathlib import Path
@@ -75,6 +88,13 @@ from circuitdyn.optim import make_optimizer, masked_step, restrict_gradients
 from circuitdyn.ownership import parameter_masks
 from circuitdyn.scores import Scores
 from circuitdyn.selection import SELECTIONS, select
+from circuitdyn.sharding import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    shard_blocks,
+)
 from circuitdyn.store import RunStore, flatten_state, strip_prefix, unflatten_state
 from circuitdyn.strategies import STRATEGIES, StrategyInput
 from circuitdyn.tasks import capability_tasks, general_task, load_task
@@ -118,9 +138,17 @@ class _Run:
         store: RunStore | None,
         capabilities: dict[str, Task] | None = None,
         dist: DistContext = SINGLE,
+        fsdp: bool = False,
     ) -> None:
         self.config, self.model, self.store, self.dist = config, model, store, dist
-        self.forward = dist.wrap(model)  # DistributedDataParallel under torchrun
+        self.fsdp = fsdp
+        if fsdp:
+            # Before the optimizer is built: it must hold the sharded parameters. FSDP's
+            # backward reduce-scatters the gradients (averaged over the ranks, as DDP does).
+            shard_blocks(model)
+            self.forward = model
+        else:
+            self.forward = dist.wrap(model)  # DistributedDataParallel under torchrun
         self.task, self.general = task, general
         self.capabilities = capabilities or {}
         self.strategy = STRATEGIES[config.strategy]
@@ -151,6 +179,12 @@ class _Run:
             reference = islice(task.batches("train", config.batch_size, seed=config.seed), 8)
             self.means = mean_activations(model, self.graph, reference)
         self._eval_batches: dict[tuple[str, str], list[Batch]] = {}
+
+    def no_sync(self, last: bool) -> AbstractContextManager[Any]:
+        """DDP: skip the all-reduce of a micro-batch that is not the step's last. FSDP
+        reduce-scatters every micro-batch (skipping it would keep full gradients on each
+        rank until the last one)."""
+        return nullcontext() if self.fsdp else self.dist.no_sync(self.forward, last)
 
     def eval_batches(self, which: str, split: str) -> list[Batch]:
         """The first `n_eval` examples of a split of the task (`which`="task"), of the
@@ -202,7 +236,7 @@ class _Run:
         totals = torch.zeros(4, dtype=torch.float64)  # loss, metric, accuracy sums; examples
         scales = self._loss_scales(micro)
         for i, batch in enumerate(micro):
-            with self.dist.no_sync(self.forward, last=i == len(micro) - 1):
+            with self.no_sync(last=i == len(micro) - 1):
                 if shared:
                     ablated = ablated_sources(model, graph, batch, c.ablation, self.means)
                     part, logits, loss = eap_with_loss(
@@ -330,8 +364,9 @@ class _Run:
     def evaluate(self, step: int, split: str = "dev") -> dict[str, float]:
         """Metric and accuracy on `split`, general-capability loss, and faithfulness of the
         current circuit; logged at `step` with keys prefixed by the split (``dev_metric``...).
-        Rank 0 alone evaluates under torchrun (the others return an empty dict)."""
-        if self.store is None:
+        Rank 0 alone evaluates under torchrun (the others return an empty dict), except with
+        FSDP, whose forward passes need every rank: all evaluate and rank 0 alone logs."""
+        if self.store is None and not self.fsdp:
             return {}
         model, task = self.model, self.task
         data = self.eval_batches("task", split)
@@ -365,15 +400,22 @@ class _Run:
                     ablation=self.config.ablation,
                     means=self.means,
                 ).value
+        if self.store is None:  # FSDP: the other ranks evaluated along with rank 0
+            return {}
         self.store.log_eval(step, out)
         return out
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self, step: int) -> None:
+        if self.fsdp:  # collective: every rank gathers, rank 0 gets full tensors ({} elsewhere)
+            state = full_state_dict(self.model)
+            optimizer_state = full_optimizer_state_dict(self.optimizer)
         if self.store is None:  # rank 0 writes; the ranks' states are identical
             return
-        optim_tensors, skeleton = flatten_state(self.optimizer.state_dict(), "optimizer")
-        state = self.model.state_dict() if self.lora is None else self.lora.model_state_dict()
+        if not self.fsdp:
+            state = self.model.state_dict() if self.lora is None else self.lora.model_state_dict()
+            optimizer_state = self.optimizer.state_dict()
+        optim_tensors, skeleton = flatten_state(optimizer_state, "optimizer")
         tensors = {f"model.{k}": v for k, v in state.items()}
         if self.lora is not None:
             tensors.update({f"lora.{k}": v for k, v in self.lora.state_dict().items()})
@@ -409,16 +451,23 @@ class _Run:
             self.lora.merge()
 
     def load(self, step: int, store: RunStore | None = None) -> None:
-        """Restore the checkpoint of `step` from the run's store (or `store`, read only)."""
+        """Restore the checkpoint of `step` from the run's store (or `store`, read only). With
+        FSDP it is collective: every rank reads the full tensors and keeps its shards."""
         store = store if store is not None else self.store
         assert store is not None
         tensors, meta = store.load_checkpoint(step, device=self.device)
-        if self.lora is None:
+        if self.fsdp:
+            load_full_state_dict(self.model, strip_prefix(tensors, "model"), from_rank0=False)
+        elif self.lora is None:
             self.model.load_state_dict(strip_prefix(tensors, "model"))
         else:
             self._load_lora(tensors)
         optim = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
-        self.optimizer.load_state_dict(unflatten_state(optim, meta["optimizer"]))
+        optimizer_state = unflatten_state(optim, meta["optimizer"])
+        if self.fsdp:
+            load_full_optimizer_state_dict(self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         torch.set_rng_state(tensors["rng.torch"].cpu())
         self.started = True  # a checkpoint follows at least one update
         self.n_selected = int(meta.get("n_selected", 0))
@@ -436,6 +485,7 @@ def tune(
     model: HookedTransformer | None = None,
     progress: bool = True,
     dist: DistContext = SINGLE,
+    fsdp: bool = False,
 ) -> RunSummary:
     """Run (or resume) a tuning run into the run directory `out` and return its summary.
 
@@ -452,9 +502,13 @@ def tune(
     `resume`, an existing run in `out` is an error unless `overwrite`.
 
     Under torchrun pass `dist` (`DistContext.from_environment()`): every rank runs `tune` with
-    the same config; the summary's metrics are rank 0's (the others' are empty)."""
+    the same config; the summary's metrics are rank 0's (the others' are empty). With `fsdp`
+    (torchrun only) the model is sharded with FSDP2 (`circuitdyn.sharding.shard_blocks`)
+    instead of wrapped in DDP; a `model` passed in stays sharded after the run (read its
+    weights with `circuitdyn.sharding.full_state_dict` or from the run's checkpoints). `fsdp`
+    is a launch setting, not part of the config: a run can resume with or without it."""
     out = Path(out)
-    _check_distributed(config, dist)
+    _check_distributed(config, dist, fsdp)
     torch.manual_seed(config.seed)
     given = model
     if model is None:
@@ -508,7 +562,7 @@ def tune(
         )
 
     store = dist.on_main(open_store)  # None on the other ranks: they write nothing
-    run = _Run(config, model, task, general, store, capabilities, dist)
+    run = _Run(config, model, task, general, store, capabilities, dist, fsdp)
     try:
         _train(run, out if resume else None, progress and dist.is_main)
         run.finish()
@@ -522,8 +576,15 @@ def tune(
     return RunSummary(out, config.strategy, config.steps, final)
 
 
-def _check_distributed(config: TuningConfig, dist: DistContext) -> None:
+def _check_distributed(config: TuningConfig, dist: DistContext, fsdp: bool = False) -> None:
     """One-line errors (on rank 0) for settings a multi-process run cannot honour."""
+    if fsdp and not dist.distributed:
+        raise fail(
+            "--fsdp shards the model over the processes of a torchrun job; start it with "
+            "torchrun --nproc-per-node N (N > 1) -m circuitdyn tune ..., or drop --fsdp"
+        )
+    if fsdp and STRATEGIES[config.strategy].lora:
+        raise fail("--fsdp does not support --strategy lora (its adapters are single-process)")
     if not dist.distributed:
         return
     dist.check_divides(config.batch_size)
@@ -532,7 +593,7 @@ def _check_distributed(config: TuningConfig, dist: DistContext) -> None:
             f"--strategy {config.strategy} runs on one process only (each rank would choose "
             "from its own rows); run it without torchrun"
         )
-    dist.check_same(config.to_dict(), "the tuning options")
+    dist.check_same({**config.to_dict(), "fsdp": fsdp}, "the tuning options")
 
 
 def _train(run: _Run, resume_from: Path | None, progress: bool) -> None:
@@ -542,9 +603,10 @@ def _train(run: _Run, resume_from: Path | None, progress: bool) -> None:
     config, model, dist = run.config, run.model, run.dist
     start = 0
     if resume_from is not None:  # rank 0 checks and repairs the files; the others then load
-        start = dist.broadcast(dist.on_main(lambda: _resume_point(run)))
-        if not dist.is_main and start > 0:
-            run.load(start - 1, RunStore.open(resume_from))
+        # With FSDP loading is collective: rank 0 loads along with the others, after the check.
+        start = dist.broadcast(dist.on_main(lambda: _resume_point(run, load=not run.fsdp)))
+        if start > 0 and (run.fsdp or not dist.is_main):
+            run.load(start - 1, None if dist.is_main else RunStore.open(resume_from))
     stream = islice(
         train_stream(run.task, config.batch_size, config.seed), start * config.grad_accum, None
     )
@@ -592,16 +654,17 @@ def data_notes(task: Task, ablation: str) -> dict[str, Any]:
 BLIND_WARNING = 0.25  # warn when more than this share of read positions cannot score
 
 
-def _resume_point(run: _Run) -> int:
-    """Verify the run's files, load its last intact checkpoint whose snapshots are all intact,
-    forget everything after it, and return the step to continue at."""
+def _resume_point(run: _Run, load: bool = True) -> int:
+    """Verify the run's files, load its last intact checkpoint whose snapshots are all intact
+    (unless not `load`: the caller loads step ``start - 1``), forget everything after it, and
+    return the step to continue at."""
     store = run.store
     check = store.verify()
     for path, problem in check.damaged:
         warnings.warn(f"resume: {path} is damaged ({problem}); it is recomputed", stacklevel=3)
     usable = [s for s in check.checkpoint_steps if s <= check.intact_through]
     last = usable[-1] if usable else None
-    if last is not None:
+    if last is not None and load:
         run.load(last)
     start = 0 if last is None else last + 1
     store.truncate_after(start - 1)

@@ -27,6 +27,7 @@ from circuitdyn.config import TuningConfig
 from circuitdyn.distributed import SINGLE, DistContext
 from circuitdyn.models import load_model
 from circuitdyn.ownership import parameter_masks
+from circuitdyn.scores import Scores
 from circuitdyn.store import RunStore, strip_prefix
 from circuitdyn.tasks import load_task
 from circuitdyn.tuning import _check_distributed
@@ -201,3 +202,16 @@ def test_single_process_context_is_the_identity():
     assert torch.equal(half.shard(batch).clean, batch.clean[3:])
     with pytest.raises(ValueError, match="does not split over 4 processes"):
         DistContext(rank=0, world_size=4).check_divides(6)
+
+
+def test_attribute_on_two_processes_equals_one(tmp_path):
+    """Each rank scores every other batch; the all-reduced mean is one process's scores."""
+    args = ["attribute", "--n-examples", "48", "--batch-size", "16"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert main([*args, "--out", str(one)]) == 0
+    done = run_torchrun(torchrun("-m", "circuitdyn", *args, "--out", str(two)), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("scored 262 edges on 48 examples") == 1  # rank 0 alone writes
+    a, b = Scores.load(one), Scores.load(two)
+    torch.testing.assert_close(a.edges, b.edges, atol=1e-5, rtol=1e-5)
+    assert b.meta["n_examples"] == 48

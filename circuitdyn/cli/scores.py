@@ -17,14 +17,18 @@ from circuitdyn.attribution import METHODS, attribute
 from circuitdyn.cli.common import (
     CliError,
     ablation_of,
+    add_distributed_options,
     add_model_options,
     check_writable,
     choices_help,
+    distributed_context,
     examples,
     model_and_task,
 )
+from circuitdyn.distributed import DistContext, fail
 from circuitdyn.evaluate import MIB_GRID, cmd, cpr, faithfulness_curve
 from circuitdyn.graph import Graph
+from circuitdyn.memory import examples_per_chunk, parse_bytes
 from circuitdyn.scores import Scores
 from circuitdyn.selection import SELECTIONS
 from circuitdyn.tasks import Task
@@ -45,11 +49,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-examples", type=int, default=64, help="examples (default: 64)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     p.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="peak memory attribution may use, parameters included, e.g. 40GB, 512MB, 16GiB or "
+        "bytes: each batch is scored in chunks of examples that fit (same scores) "
+        "(default: no limit)",
+    )
+    p.add_argument(
+        "--diff-dtype",
+        default=None,
+        choices=sorted(DIFF_DTYPES),
+        help="dtype of the stored activation differences; scores still accumulate in float32 "
+        "(default: float32, float64 for float64 models)",
+    )
+    p.add_argument(
         "--out",
         required=True,
         type=Path,
         help="output: .json (EAP-IG / MIB graph JSON), .pt (EAP-IG) or .safetensors",
     )
+    add_distributed_options(p)
     p.set_defaults(func=_attribute)
 
     p = subparsers.add_parser(
@@ -86,6 +106,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evaluate)
 
 
+DIFF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _ablation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ablation",
@@ -114,23 +137,54 @@ def _read_scores(path: Path) -> Scores:
 
 
 def _attribute(args: argparse.Namespace) -> int:
-    check_writable(args.out)
+    with distributed_context(args) as dist:
+        dist.on_main(lambda: check_writable(args.out))
+        return _attribute_on(args, dist)
+
+
+def _attribute_on(args: argparse.Namespace, dist: DistContext) -> int:
+    """`circuitdyn attribute` on this process; under torchrun each rank scores every
+    world_size-th batch and the summed scores are all-reduced (rank 0 writes)."""
+    budget = None
+    if args.memory_budget is not None:
+        try:
+            budget = parse_bytes(args.memory_budget)
+        except ValueError as error:
+            raise CliError(f"--memory-budget: {error}") from None
     torch.manual_seed(args.seed)
+    if dist.device is not None:  # under torchrun each rank uses its own device
+        args.device = str(dist.device)
     model, task = model_and_task(args)
     graph = Graph.from_model(model, args.mlp_blocks)
     data = examples(task, args.split, args.n_examples, args.batch_size, args.seed)
+    if len(data) < dist.world_size:
+        raise fail(
+            f"--n-examples {args.n_examples} in batches of {args.batch_size} gives {len(data)} "
+            f"batch(es) for {dist.world_size} processes; use more examples or a smaller "
+            "--batch-size"
+        )
+    diff_dtype = None if args.diff_dtype is None else DIFF_DTYPES[args.diff_dtype]
+    if budget is not None:  # a budget too small for one example fails before any computing
+        longest = max(batch.clean.shape[1] for batch in data)
+        options = dict(method=args.method, ablation=ablation_of(args))
+        examples_per_chunk(model, graph, longest, budget, diff_dtype, **options)
     scores = attribute(
         model,
         graph,
-        data,
+        data[dist.rank :: dist.world_size],
         task.metric,
         method=args.method,
         ablation=ablation_of(args),
         steps=args.steps,
         means=_means(args, model, graph, task),
         progress=True,
+        memory_budget=budget,
+        diff_dtype=diff_dtype,
     )
+    scores = dist.mean_scores(scores)
     scores.meta.update(model=args.model, task=args.task, split=args.split, seed=args.seed)
+    if not dist.is_main:
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     writers = {".safetensors": scores.save, ".pt": scores.to_pt}
     writers.get(args.out.suffix, scores.to_json)(args.out)

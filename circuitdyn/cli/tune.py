@@ -81,6 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--resume", action="store_true", help="continue the run in --out")
     group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     add_distributed_options(p)
+    torchrun = next((g for g in p._action_groups if g.title == "under torchrun"), p)
+    torchrun.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model over the processes with FSDP2 instead of replicating it (DDP): "
+        "each holds 1/N of the weights, gradients and optimizer state; checkpoints stay full, "
+        "so a run resumes with or without it (needs torchrun; not with --strategy lora)",
+    )
     p.set_defaults(func=_tune)
 
 
@@ -102,7 +110,14 @@ def _tune(args: argparse.Namespace) -> int:
         dist.on_main(
             lambda: check_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
         )
-        summary = tune(config, args.out, resume=args.resume, overwrite=args.overwrite, dist=dist)
+        summary = tune(
+            config,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            dist=dist,
+            fsdp=args.fsdp,
+        )
         if dist.is_main:
             print(summary.line())
     return 0
@@ -131,4 +146,6 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out.append("--prepend-bos" if args.prepend_bos else "--no-prepend-bos")
     if args.general_data:
         out += ["--general-data", args.general_data]
+    if getattr(args, "fsdp", False):
+        out.append("--fsdp")
     return [*out, "--out", str(args.out)]
