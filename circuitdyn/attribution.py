@@ -325,6 +325,8 @@ def attribute(
         "d_model": model.cfg.d_model,  # EAP-IG's graph files need it
         "steps": steps if method == "eap-ig" else None,
         "per_position": per_position if ABLATIONS[ablation].needs_means else None,
+        "diff_dtype": str(diff_dtype).removeprefix("torch."),  # the stored differences
+        "memory_budget": memory_budget,  # bytes (None: no limit); chunks give the same scores
     }
     return Scores(graph, scores / n_examples, meta)
 
