@@ -39,6 +39,18 @@ fsynced before a call returns, so does a power cut. Damage the commit rule canno
 failing disk, a file copied in part or edited by hand) is found by `RunStore.verify`, which reads
 every tensor file in full, and cleared by `RunStore.remove_damaged`.
 
+Cost of durability: each fsync is a wait for the disk (a fraction of a millisecond on an idle
+disk, several on a busy one). A step logged with its evaluation (``append(...,
+evaluation=...)``, as `circuitdyn.recorder.CircuitRecorder` does) waits twice: the evaluation's
+line is written before the snapshot, and the two files are fsynced at the same time; the rename
+then commits the step and the directory's fsync makes the rename durable. Neither wait can go
+without breaking the rules above: without the files' fsync a power cut could leave a step whose
+snapshot is empty or torn under its final name, or a committed step without its evaluation;
+without the directory's (or with it batched over several steps) a power cut could take back
+steps whose calls had returned, as the rename is the commit. Rebuilding or verifying on open
+would not help: the metrics index is rebuilt from the snapshots, but nothing else holds a
+step's snapshot or evaluation, so what a power cut took back cannot be rebuilt.
+
 It knows nothing of models or trainers and takes plain lists and tensors; its typed views
 `RunStore.graph` and `RunStore.config` rebuild the run's `Graph` and `TuningConfig`, so readers
 never parse names or read config keys themselves. Tensors go to safetensors and everything else to JSON; nothing is serialised as Python objects.
@@ -54,6 +66,7 @@ import json
 import os
 import platform
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -406,6 +419,7 @@ class RunStore:
         edge_mask: Bool[Tensor, "n_src n_dst"],
         node_scores: Float[Tensor, " n_nodes"],
         metrics: Mapping[str, float],
+        evaluation: Mapping[str, float] | None = None,
     ) -> None:
         """Record the circuit at training step ``step`` (>= 0, larger than every recorded step;
         call `truncate_after` first to rewrite history when resuming).
@@ -415,6 +429,12 @@ class RunStore:
         edges (must be False off the valid edges). ``node_scores``: [n_nodes]. ``metrics``:
         scalars, e.g. the training loss (nats) or the learning rate. Writes one file of about
         ``n_edges * score_dtype.itemsize + n_edges / 8 + 4 * n_nodes`` bytes plus one JSONL line.
+
+        ``evaluation``: a dev evaluation of this step to log with it, as `log_eval` would. Its
+        line goes to ``evals.jsonl`` before the snapshot is written and is fsynced together
+        with the snapshot's file, before the rename that commits the step, so a committed step
+        always has its evaluation, and both are durable when the call returns, as after
+        `log_eval` then `append`, with one wait for the disk fewer.
         """
         writer = self._ensure_writer()
         step = _check_step(step)
@@ -424,14 +444,23 @@ class RunStore:
                 "appended in increasing order (call truncate_after() first to record again)"
             )
         metrics = _clean_metrics(metrics, "metrics")
+        evaluated = None if evaluation is None else _clean_metrics(evaluation, "evaluation")
         tensors = self._encode_snapshot(edge_scores, edge_mask, node_scores)
         metadata = {
             "format": _SNAPSHOT_FORMAT,
             "step": str(step),
             "metrics": json.dumps(metrics),
         }
-        # The rename inside _atomic_write commits the step; the index line follows it.
-        _atomic_write(self._snapshot_path(step), safetensors_bytes(tensors, metadata=metadata))
+        data = safetensors_bytes(tensors, metadata=metadata)
+        synced_with = None
+        if evaluated is not None:
+            assert writer.evals is not None
+            _append_line(writer.evals, {"step": step, **evaluated}, durable=False)
+            synced_with = writer.evals
+        # The rename inside _atomic_write commits the step; the index line follows it. The
+        # evaluation's line is durable before the rename: its fsync runs beside the snapshot
+        # file's, and the rename waits for both.
+        _atomic_write(self._snapshot_path(step), data, sync_also=synced_with)
         self._steps.append(step)
         assert writer.metrics is not None
         # No fsync: the index is rebuilt from the (fsynced) snapshots whenever it disagrees with
@@ -1089,9 +1118,49 @@ def _atomic_target(path: Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    with _atomic_target(path) as temporary, open(temporary, "wb") as handle:
-        handle.write(data)
+def _atomic_write(path: Path, data: bytes, *, sync_also: IO[bytes] | None = None) -> None:
+    """Write ``data`` to ``path`` as `_atomic_target` does: to a temporary file, fsynced (through
+    the descriptor that wrote it) and renamed into place, then the directory fsynced.
+    ``sync_also``: another open file fsynced at the same time as the temporary one, and also
+    before the rename (see `_fsync_together`)."""
+    temporary = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            _fsync_together(handle.fileno(), None if sync_also is None else sync_also.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_together(first: int, second: int | None) -> None:
+    """fsync the descriptor ``first`` and, if given, ``second``, returning when both are durable
+    (raising the first failure). The two run at once, ``second`` in a helper thread (fsync
+    releases the GIL): each is mostly a wait for the disk, and on a journaling filesystem two
+    concurrent fsyncs often share one journal commit, so this costs less than one after the
+    other. Nothing is made durable later than by two sequential fsyncs."""
+    if second is None:
+        os.fsync(first)
+        return
+    failures: list[BaseException] = []
+
+    def sync_second() -> None:
+        try:
+            os.fsync(second)
+        except BaseException as error:  # re-raised in the calling thread
+            failures.append(error)
+
+    helper = threading.Thread(target=sync_second, name="RunStore-fsync", daemon=True)
+    helper.start()
+    try:
+        os.fsync(first)
+    finally:
+        helper.join()
+    if failures:
+        raise failures[0]
 
 
 def _append_line(handle: IO[bytes], record: dict[str, Any], *, durable: bool) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from circuitdyn import analysis as A
+from circuitdyn import recorder as recorder_module
 from circuitdyn.activations import mean_activations
 from circuitdyn.attribution import attribute
 from circuitdyn.cli import main
@@ -287,6 +289,41 @@ def test_recorded_numbers_are_those_of_attribute_and_faithfulness(tmp_path, meth
     assert evaluation["faithfulness"] == pytest.approx(expected.value, rel=1e-4)
     assert evaluation["dev_metric_empty"] == pytest.approx(expected.m_empty, rel=1e-4, abs=1e-5)
     assert evaluation["dev_metric"] == pytest.approx(expected.m_full, rel=1e-5)
+
+
+@pytest.mark.parametrize(("ablation", "mlp_blocks"), [("corrupted", 1), ("zero", 2)])
+def test_recorder_shortcuts_record_the_same_numbers(tmp_path, monkeypatch, ablation, mlp_blocks):
+    """The recorder's EAP pass runs with the parameters not requiring grad and its backward
+    pass stops at layer 0's query, key and value rather than at the embedding; what it records
+    is bit for bit what the full pass with trainable parameters gives, and every parameter's
+    requires_grad flag is as before."""
+    model = load_model("default", device="cpu")
+    model.W_pos.requires_grad_(False)  # a frozen parameter stays frozen, the others trainable
+    flags = [p.requires_grad for p in model.parameters()]
+    options = {**RECORD, "ablation": ablation, "mlp_blocks": mlp_blocks}
+    stops = []
+    original = recorder_module._backward_inputs
+
+    def spy(first, embedding):
+        stops.append(original(first, embedding))
+        return stops[-1]
+
+    runs = {}
+    for name in ("shortcuts", "full"):
+        if name == "full":  # the pass as it was: trainable parameters, back to the embedding
+            monkeypatch.setattr(recorder_module, "_backward_inputs", lambda first, leaf: [leaf])
+            monkeypatch.setattr(recorder_module, "_frozen_parameters", lambda m: nullcontext())
+        else:
+            monkeypatch.setattr(recorder_module, "_backward_inputs", spy)
+        with CircuitRecorder(tmp_path / name, model, steps=1, **options) as recorder:
+            runs[name] = (recorder.record(model, 0), recorder.store.snapshot(0))
+        assert [p.requires_grad for p in model.parameters()] == flags
+    assert stops and all(len(inputs) == 3 for inputs in stops)  # q, k and v, not the embedding
+    (evaluation, snapshot), (full_evaluation, full_snapshot) = runs["shortcuts"], runs["full"]
+    assert json.dumps(evaluation) == json.dumps(full_evaluation)  # NaN equal to NaN
+    for field in ("edge_scores", "edge_mask", "node_scores"):
+        assert torch.equal(getattr(snapshot, field), getattr(full_snapshot, field)), field
+    assert snapshot.edge_scores.abs().sum() > 0
 
 
 def test_probe_set_errors_name_the_source_and_the_fix():

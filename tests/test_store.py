@@ -440,6 +440,81 @@ def test_crash_leftovers_are_read_around_and_repaired(tmp_path: Path) -> None:
     assert RunStore.open(run).evals_frame()["step"].tolist() == [0, 4]
 
 
+def test_append_with_evaluation_makes_it_durable_before_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_typecheck: None
+) -> None:
+    """append(..., evaluation=...) logs the evaluation as log_eval would, writes its line before
+    the snapshot, and fsyncs both files before the rename that commits the step, then the
+    directory: one wait for the disk fewer than log_eval then append, nothing less durable."""
+    run = tmp_path / "run"
+    store = create_small(run)
+    fill(store, [0])
+    events: list[tuple[str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync", os.fstat(fd).st_ino))
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(("rename", os.stat(dst).st_ino))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    step = make_step(1, store.edge_valid, len(store.node_names))
+    store.append(1, **step, evaluation={"dev_loss": 0.25, "faithfulness": np.float32(0.5)})
+    monkeypatch.undo()
+
+    evals = (run / "evals.jsonl").stat().st_ino
+    snapshot = (run / "snapshots" / "step_00000001.safetensors").stat().st_ino
+    directory = (run / "snapshots").stat().st_ino
+    assert sorted(events[:2]) == sorted([("fsync", evals), ("fsync", snapshot)])
+    assert events[2:] == [("rename", snapshot), ("fsync", directory)]
+    assert store.evals_frame().to_dict("list") == {
+        "step": [1],
+        "dev_loss": [0.25],
+        "faithfulness": [0.5],
+    }
+    reader = RunStore.open(run)
+    assert reader.steps == [0, 1] and reader.evals_frame()["step"].tolist() == [1]
+    assert reader.snapshot(1).metrics == step["metrics"]
+
+    # A step that fails validation logs no evaluation either.
+    bad = {**make_step(2, store.edge_valid, 8), "edge_mask": torch.ones_like(store.edge_valid)}
+    with pytest.raises(ValueError, match="not edges"):
+        store.append(2, **bad, evaluation={"dev_loss": 0.1})
+    with pytest.raises(ValueError, match="evaluation"):
+        store.append(2, **make_step(2, store.edge_valid, 8), evaluation={"dev_loss": "high"})
+    assert store.evals_frame()["step"].tolist() == [1] and store.steps == [0, 1]
+
+
+def test_append_commits_nothing_when_the_evaluation_cannot_be_made_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    store = create_small(run)
+    fill(store, [0])
+    evals = (run / "evals.jsonl").stat().st_ino
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == evals:
+            time.sleep(0.05)  # still running when the snapshot's fsync is done
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.append(1, **make_step(1, store.edge_valid, 8), evaluation={"dev_loss": 0.5})
+    monkeypatch.undo()
+    assert store.steps == [0] and RunStore.open(run).steps == [0]
+    assert not list((run / "snapshots").glob(".tmp-*"))
+    store.truncate_after(0)  # as a resuming trainer would: the stray evaluation line goes
+    store.append(1, **make_step(1, store.edge_valid, 8), evaluation={"dev_loss": 0.4})
+    assert store.evals_frame().to_dict("list") == {"step": [1], "dev_loss": [0.4]}
+
+
 def test_truncation_interrupted_after_its_commit_is_seen_and_finished(tmp_path: Path) -> None:
     run = tmp_path / "run"
     store = create_small(run)
@@ -596,6 +671,63 @@ def test_sigkill_loses_at_most_the_step_in_flight(tmp_path: Path) -> None:
         if steps_before_kill:
             assert last in (reported, reported + 1), (round_number, reported, last)
         _check_run(store)
+
+
+EVAL_WRITER = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import store_kill_writer as helper
+
+RunStore = helper.load_store_module().RunStore
+src, dst, valid, nodes = helper.gpt2_small_layout()
+run = Path(sys.argv[2])
+store = RunStore.create(
+    run, manifest={}, src_names=src, dst_names=dst, edge_valid=valid, node_names=nodes
+)
+print("ready", flush=True)
+for step in range(100000):
+    snapshot = helper.expected_snapshot(step, valid, len(nodes))
+    store.append(step, **snapshot, evaluation=helper.expected_eval(step))
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_leaves_every_committed_step_with_its_evaluation(tmp_path: Path) -> None:
+    """A writer logging each step's evaluation with append(..., evaluation=...), killed
+    anywhere: the run keeps every reported step, and each committed step has its evaluation
+    (at most one evaluation line, of the step in flight, has no snapshot)."""
+    script = tmp_path / "writer.py"
+    script.write_text(EVAL_WRITER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    timing = random.Random(1)
+    for round_number, steps_before_kill in enumerate([3, 11]):
+        run = tmp_path / f"run{round_number}"
+        with open(tmp_path / "stderr.txt", "w+") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, str(script), str(WRITER.parent), str(run)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                text=True,
+            )
+            assert _next_line(process, stderr) == "ready"
+            for _ in range(steps_before_kill):
+                reported = int(_next_line(process, stderr))
+            time.sleep(timing.uniform(0.0, 0.004))
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            reported = max([reported, *map(int, process.stdout.read().split())])
+            process.stdout.close()
+        store = RunStore.open(run)
+        steps = store.steps
+        assert steps == list(range(len(steps))) and steps[-1] in (reported, reported + 1)
+        evals = store.evals_frame()
+        assert evals["step"].tolist()[: len(steps)] == steps
+        assert len(evals) - len(steps) in (0, 1)
+        for row, step in enumerate(steps):
+            assert evals.iloc[row, 1:].to_dict() == writer.expected_eval(step)
 
 
 # ---------------------------------------------------------------------- damage and foreign directories
