@@ -21,7 +21,8 @@ Results (``--steps 600 --repeats 2``, 2 CPU cores shared with other jobs; wall t
 * with them: K = 10 1.15x, K = 1 2.03x (no recording 26.1 s, K = 10 30.1 s, K = 1 53.1 s,
   K = 1 with 16 probe examples 41.5 s; a busy machine: the run without recording takes about
   22 s when the machine is quiet); 20 checkpoints tracked in 8.0 s (command) and 2.1 s (in
-  process).
+  process). A later run on an otherwise idle machine: K = 10 1.09x, K = 1 2.07x (no recording
+  26.1 s, K = 10 28.4 s, K = 1 54.1 s, 16 probe examples 40.5 s, 1.55x); tracking 8.1 s / 2.2 s.
 
 Per record, measured interleaved in one process on the same training run (old and new
 recorder alternating, 60-150 steps): 37.5 ms instead of 40.7 ms (median) on a quiet machine,
