@@ -47,12 +47,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from attribution import make_batch  # the sibling benchmark's random batch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from circuitdyn.attribution import attribute
 from circuitdyn.graph import Graph
 from circuitdyn.memory import attribution_memory, examples_per_chunk, format_bytes
-from circuitdyn.tasks.base import Batch
 
 SHAPES = {
     "gpt2-medium": dict(
@@ -119,21 +119,6 @@ def make_model(shape: dict, dtype: torch.dtype, device: str) -> HookedTransforme
             if param.ndim > 1:
                 param.normal_(0.0, 0.02, generator=generator)
     return model.eval()
-
-
-def make_batch(model: HookedTransformer, batch: int, pos: int, device: str) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, model.cfg.d_vocab, (batch, pos), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 3] = torch.randint(0, model.cfg.d_vocab, (batch,), generator=g)
-    return Batch(
-        clean=clean,
-        corrupted=corrupted,
-        attention_mask=torch.ones(batch, pos, dtype=torch.bool),
-        read_pos=torch.full((batch, 1), pos - 1),
-        target=torch.randint(0, model.cfg.d_vocab, (batch, 1), generator=g),
-        foil=torch.randint(0, model.cfg.d_vocab, (batch, 1), generator=g),
-    ).to(device)
 
 
 def _status_kb(field: str) -> int:

@@ -157,6 +157,11 @@ class DistContext:
         return batch.select(slice(self.rank * per, (self.rank + 1) * per))
 
     # ---- collectives ------------------------------------------------------------------------
+    def collective(self, what: str) -> AbstractContextManager[None]:
+        """Name a lost peer (`PeerLostError`) when the collectives inside fail, e.g. the
+        gradient all-reduce of DDP's backward; nothing on one process."""
+        return _collective(what, self.rank) if self.distributed else nullcontext()
+
     def sum(self, tensor: Tensor) -> Tensor:
         """`tensor` summed over the ranks (in place; returned for chaining). gloo reduces CPU
         tensors and NCCL CUDA ones: the tensor visits the backend's device if needed."""

@@ -253,7 +253,8 @@ class _Run:
                 else:
                     logits = self.forward(batch.clean)
                     loss = self.task.loss(logits, batch)
-                (loss * scales[i] / len(micro)).backward()
+                with self.dist.collective("the gradient all-reduce"):
+                    (loss * scales[i] / len(micro)).backward()
             logits = logits.detach()
             # scales: this rank's share of the micro-batch's loss (1 on one process)
             totals[0] += float(loss.detach()) * scales[i] * batch.size

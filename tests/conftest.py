@@ -170,3 +170,16 @@ def replication_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("replication")
     replicate(out, quick=True, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory) -> Path:
+    """The 1-process reference run the torchrun tests compare with (`torchrun_runs.TUNE`),
+    tuned once per session."""
+    from torchrun_runs import TUNE
+
+    from circuitdyn.cli import main
+
+    out = tmp_path_factory.mktemp("one_process") / "run"
+    assert main([*TUNE, "--out", str(out)]) == 0
+    return out

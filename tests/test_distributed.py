@@ -9,10 +9,8 @@ hanging and resumes to the same result. Bad setups end with one line from rank 0
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,50 +18,28 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
+from torchrun_runs import (
+    STEPS,
+    TUNE,
+    assert_frozen_entries_never_moved,
+    assert_same_run,
+    run_torchrun,
+    torchrun,
+    torchrun_env,
+)
 
-from circuitdyn.circuit import Circuit
 from circuitdyn.cli import main
 from circuitdyn.config import TuningConfig
 from circuitdyn.distributed import SINGLE, DistContext
 from circuitdyn.models import load_model
-from circuitdyn.ownership import parameter_masks
 from circuitdyn.scores import Scores
-from circuitdyn.store import RunStore, strip_prefix
+from circuitdyn.store import RunStore
 from circuitdyn.tasks import load_task
 from circuitdyn.tuning import _check_distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="torch without gloo")
 
-STEPS = 12
-TUNE = ["tune", "--top-n", "20", "--steps", str(STEPS), "--batch-size", "8", "--grad-accum", "2"]
-TUNE += ["--eval-every", "6", "--n-eval", "16", "--checkpoint-every", "2", "--lr", "3e-3"]
-TUNE += ["--no-eval-faithfulness"]
 WORKER = Path(__file__).with_name("dist_worker.py")
-
-
-def torchrun(*args: str, nproc: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--monitor-interval",
-        "0.2",
-        *args,
-    ]
-
-
-def run_torchrun(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one") / "run"
-    assert main([*TUNE, "--out", str(out)]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -75,64 +51,28 @@ def two_processes(tmp_path_factory) -> Path:
     return out
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    store = RunStore.open(out)
-    tensors, _ = store.load_checkpoint(store.latest_checkpoint())
-    return strip_prefix(tensors, "model")
-
-
-def assert_same_run(a: Path, b: Path, atol: float = 2e-5) -> None:
-    sa, sb = RunStore.open(a), RunStore.open(b)
-    assert sa.steps == sb.steps == list(range(STEPS))
-    for step in sa.steps:
-        x, y = sa.snapshot(step), sb.snapshot(step)
-        assert torch.equal(x.edge_mask, y.edge_mask), f"circuits differ at step {step}"
-        torch.testing.assert_close(x.edge_scores, y.edge_scores, atol=1e-4, rtol=1e-4)
-        assert x.metrics["loss"] == pytest.approx(y.metrics["loss"], abs=1e-5)
-        assert x.metrics["accuracy"] == pytest.approx(y.metrics["accuracy"], abs=1e-6)
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        if name.endswith("attn.b_K"):
-            # Softmax ignores a key bias: its gradient is rounding noise (~1e-9), which Adam's
-            # normalisation turns into steps of size lr whose sign depends on summation order.
-            continue
-        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=1e-4, msg=name)
-    ea, eb = sa.evals_frame(), sb.evals_frame()
-    assert list(ea["step"]) == list(eb["step"])
-
-
-def test_two_processes_match_one_process(one_process, two_processes):
-    assert_same_run(one_process, two_processes)
+def test_two_processes_match_one_process(one_process_run, two_processes):
+    assert_same_run(one_process_run, two_processes)
 
 
 def test_frozen_entries_never_move(two_processes):
     """Entries outside every step's circuit got exactly zero gradient after the all-reduce:
     they are bit-identical to the starting model."""
-    store = RunStore.open(two_processes)
-    model = load_model("default", device="cpu")
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    touched = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
-    for step in store.steps:
-        circuit = Circuit(store.graph, store.snapshot(step).edge_mask)
-        for name, mask in parameter_masks(model, circuit, store.config.policy).items():
-            touched[name] |= mask.bool()
-    final = final_weights(two_processes)
-    frozen = 0
-    for name, mask in touched.items():
-        outside = ~mask
-        assert torch.equal(final[name][outside], start[name][outside]), name
-        frozen += int(outside.sum())
-    assert frozen > 1000  # the check is not vacuous
+    assert_frozen_entries_never_moved(two_processes)
 
 
-def test_killed_two_process_run_resumes(one_process, tmp_path):
+def test_killed_two_process_run_resumes(one_process_run, tmp_path):
     """SIGKILL one rank mid-run: the job ends (no hang) with torchrun naming the failed rank;
     resuming with 2 processes ends as the uninterrupted run does."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = torchrun("-m", "circuitdyn", *TUNE, "--dist-timeout", "60", "--out", str(out))
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # torchrun looks every 3 s: rank 0 meets the dead peer in its next collective (tens of ms)
+    # and reports it before torchrun would stop it.
+    cmd = torchrun(
+        "-m", "circuitdyn", *TUNE, "--dist-timeout", "60", "--out", str(out), monitor_s=3
+    )
+    job = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=torchrun_env()
+    )
     snapshots = out / "snapshots"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and job.poll() is None:
@@ -158,7 +98,7 @@ def test_killed_two_process_run_resumes(one_process, tmp_path):
 
     done = run_torchrun(torchrun("-m", "circuitdyn", *TUNE, "--resume", "--out", str(out)))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_run(one_process, out)
+    assert_same_run(one_process_run, out)
 
 
 @pytest.mark.parametrize(

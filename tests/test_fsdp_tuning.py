@@ -15,15 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import (
+from torchrun_runs import (
     STEPS,
     TUNE,
+    assert_frozen_entries_never_moved,
     assert_same_run,
     run_torchrun,
     torchrun,
-)
-from test_distributed import (
-    test_frozen_entries_never_move as check_frozen_entries_never_move,
 )
 
 from circuitdyn.cli import main
@@ -43,13 +41,6 @@ def with_steps(argv: list[str], steps: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one") / "run"
-    assert main([*TUNE, "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
     """2 processes with --fsdp: FIRST steps, then --resume to STEPS."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
@@ -64,17 +55,17 @@ def sharded(tmp_path_factory) -> Path:
     return out
 
 
-def test_fsdp_run_matches_one_process(one_process, sharded):
+def test_fsdp_run_matches_one_process(one_process_run, sharded):
     """Same circuit at every step, same metrics and final weights (b_K excluded: see
     `assert_same_run`), the same evaluation steps (every rank evaluated, rank 0 logged)."""
-    assert_same_run(one_process, sharded)
+    assert_same_run(one_process_run, sharded)
 
 
-def test_fsdp_checkpoints_have_the_unsharded_layout(one_process, sharded):
+def test_fsdp_checkpoints_have_the_unsharded_layout(one_process_run, sharded):
     """The checkpoints written before (step FIRST - 1) and after the resume (the last) hold the
     same tensors (names, shapes, dtypes, optimizer skeleton) as an unsharded run's, with values
     equal up to rounding and AdamW's step counters equal exactly."""
-    plain, fsdp = RunStore.open(one_process), RunStore.open(sharded)
+    plain, fsdp = RunStore.open(one_process_run), RunStore.open(sharded)
     for step in (FIRST - 1, STEPS - 1):
         a, meta_a = plain.load_checkpoint(step)
         b, meta_b = fsdp.load_checkpoint(step)
@@ -94,7 +85,7 @@ def test_fsdp_checkpoints_have_the_unsharded_layout(one_process, sharded):
 def test_fsdp_frozen_entries_never_move(sharded):
     """Masked steps on sharded parameters and moments leave entries outside every circuit
     bit-identical to the starting model."""
-    check_frozen_entries_never_move(sharded)
+    assert_frozen_entries_never_moved(sharded)
 
 
 def test_fsdp_without_torchrun_fails_in_one_line(tmp_path, capsys):
