@@ -17,6 +17,14 @@ options of circuit-tuning (a `TuningConfig`: ``top_n``, ``selection``, ``method`
 ``ablation``, ...), evaluates the model and the circuit on the probe set and appends a snapshot
 to a `RunStore`, so every analysis, figure and the report read it like a tuning run.
 
+The probe batches are run only up to their last read position (`Batch.through_last_read`)
+when that changes nothing but float rounding: the model is causal and the task's metric
+reads the read positions only (checked once, on the first probe batch; the manifest's
+``probe.cut_after_last_read`` says which). The tokens after the reads cannot change the
+logits there, and the gradient they receive is exactly zero, so their scores are zero; on the
+default model's agreement probe the cut drops 60% of the token columns and 40% of a record's
+time.
+
 What is recorded at step t (the step convention of the analyses: the weights after t updates):
 
 * the snapshot: edge scores on the probe set (metric units, mean over examples), the selected
@@ -88,6 +96,7 @@ from circuitdyn.store import RunStore
 from circuitdyn.tasks import load_task
 from circuitdyn.tasks.base import (
     Batch,
+    Metric,
     Task,
     accuracy,
     check_tokens,
@@ -180,6 +189,7 @@ class CircuitRecorder:
         self.probe = [batch.trimmed() for batch in probe]
         self.reference = None if reference is None else [b.trimmed() for b in reference]
         check_probe(self.probe, config.ablation, self.reference, where=where)
+        self.cut_after_reads = _cut_is_exact(model, self.probe[0], self.task.metric)
         self.positions = read_positions if config.score_positions == "read" else None
         self._prepared: tuple[Any, list[tuple[Batch, Tensor, Tensor | None]]] | None = None
 
@@ -221,7 +231,12 @@ class CircuitRecorder:
                 f"scores on a fixed probe set of {n_probe} held-out examples with the weights "
                 "after `step` updates"
             ),
-            "probe": {"split": "dev", "n_examples": n_probe, "task": self.config.task},
+            "probe": {
+                "split": "dev",
+                "n_examples": n_probe,
+                "task": self.config.task,
+                "cut_after_last_read": self.cut_after_reads,
+            },
             "source": dict(source or {}),
         }
 
@@ -426,6 +441,8 @@ class CircuitRecorder:
             prepared = []
             for batch in self.probe:
                 batch = batch.to(device)
+                if self.cut_after_reads:
+                    batch = batch.through_last_read()
                 check_tokens(batch, model.cfg.d_vocab, model.cfg.n_ctx)
                 chosen = None if self.positions is None else self.positions(batch)
                 pad = None if bool(batch.attention_mask.all()) else batch.attention_mask
@@ -467,6 +484,31 @@ def check_probe(
             f"{where}: ablation {ablation!r} needs reference examples for its mean activations; "
             "give reference batches or use ablation 'corrupted' or 'zero'"
         )
+
+
+def _cut_is_exact(model: HookedTransformer, batch: Batch, metric: Metric) -> bool:
+    """Whether every record may cut the probe batches after their last read position
+    (`Batch.through_last_read`) and still record the same numbers: the model is causal, so
+    nothing at or before a read position depends on later tokens, and the task's metric reads
+    the logits at the read positions only, as the `Task` contract says. That is checked on one
+    probe batch (the metric of the whole batch and of the cut one agree to rounding; a metric
+    that reads elsewhere keeps the whole probe). Exact up to float rounding: the scores sum
+    the same nonzero terms (the gradient after the last read position is exactly zero)."""
+    if model.cfg.attention_dir != "causal":
+        return False
+    cut = batch.through_last_read()
+    if cut is batch:
+        return False
+    device = next(model.parameters()).device
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        whole = metric(model(batch.clean.to(device)), batch.to(device)).double()
+        try:
+            part = metric(model(cut.clean.to(device)), cut.to(device)).double()
+        except (IndexError, RuntimeError, ValueError):  # it reads past the cut
+            return False
+    tolerance = max(1e-4, 8 * torch.finfo(model.cfg.dtype).eps) * (1 + float(whole.abs().max()))
+    return part.shape == whole.shape and float((part - whole).abs().max()) <= tolerance
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from circuitdyn.recorder import (
 from circuitdyn.selection import select
 from circuitdyn.store import RunStore
 from circuitdyn.tasks import load_task
-from circuitdyn.tasks.base import lm_loss
+from circuitdyn.tasks.base import lm_loss, logit_diff
 from circuitdyn.tasks.word_tokenizer import (
     build_word_tokenizer,
     load_word_tokenizer,
@@ -324,6 +324,50 @@ def test_recorder_shortcuts_record_the_same_numbers(tmp_path, monkeypatch, ablat
     for field in ("edge_scores", "edge_mask", "node_scores"):
         assert torch.equal(getattr(snapshot, field), getattr(full_snapshot, field)), field
     assert snapshot.edge_scores.abs().sum() > 0
+
+
+def test_cutting_the_probe_after_its_reads_records_the_same_numbers(tmp_path, monkeypatch):
+    """Records run the probe only through its last read position; scores, circuit and
+    evaluation are those of the whole probe, to float rounding."""
+    model = load_model("default", device="cpu")
+    runs, widths = {}, {}
+    for name in ("cut", "whole"):
+        if name == "whole":
+            monkeypatch.setattr(recorder_module, "_cut_is_exact", lambda *args: False)
+        with CircuitRecorder(tmp_path / name, model, steps=1, **RECORD) as recorder:
+            runs[name] = (recorder.record(model, 0), recorder.store.snapshot(0))
+            assert recorder.store.manifest["probe"]["cut_after_last_read"] == (name == "cut")
+            widths[name] = recorder._probe_on(model, torch.device("cpu"))[0][0].clean.shape[1]
+    assert widths["cut"] < widths["whole"]
+    (evaluation, snapshot), (whole_evaluation, whole_snapshot) = runs["cut"], runs["whole"]
+    torch.testing.assert_close(
+        snapshot.edge_scores, whole_snapshot.edge_scores, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        snapshot.node_scores, whole_snapshot.node_scores, rtol=1e-5, atol=1e-6
+    )
+    assert torch.equal(snapshot.edge_mask, whole_snapshot.edge_mask)
+    assert evaluation.keys() == whole_evaluation.keys()
+    for key, value in whole_evaluation.items():
+        assert evaluation[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_the_probe_is_cut_only_for_a_causal_model_whose_metric_reads_at_the_reads():
+    model = load_model("default", device="cpu")
+    batch = next(load_task("agreement", model, **SMALL_TASK).batches("dev", 8))
+    assert batch.through_last_read() is not batch
+    assert recorder_module._cut_is_exact(model, batch, logit_diff)
+
+    def last_column(logits, batch):  # reads past the read positions
+        return logits[:, -1, 0]
+
+    def column_20(logits, batch):  # fails on a cut batch
+        return logits[:, 20, 0]
+
+    assert not recorder_module._cut_is_exact(model, batch, last_column)
+    assert not recorder_module._cut_is_exact(model, batch, column_20)
+    model.cfg.attention_dir = "bidirectional"  # later tokens would change the reads
+    assert not recorder_module._cut_is_exact(model, batch, logit_diff)
 
 
 def test_probe_set_errors_name_the_source_and_the_fix():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -73,6 +74,22 @@ def test_batches_are_right_padded_with_a_correct_mask(tokenizer, agreement: Agre
             assert lengths[text] == n
         seen += batch.size
     assert seen == len(pairs) == SIZES["n_train"]
+
+
+def test_through_last_read_cuts_only_columns_after_every_read(agreement: AgreementTask) -> None:
+    batch = next(agreement.batches("dev", 16, seed=0))
+    cut = batch.through_last_read()
+    width = int(batch.read_pos.max()) + 1
+    assert width < batch.clean.shape[1]  # sentences go on after their verbs
+    assert cut.clean.shape == cut.corrupted.shape == cut.attention_mask.shape == (16, width)
+    for name in ("clean", "corrupted", "attention_mask"):
+        assert torch.equal(getattr(cut, name), getattr(batch, name)[:, :width]), name
+    for name in ("read_pos", "target", "foil"):
+        assert torch.equal(getattr(cut, name), getattr(batch, name)), name
+    assert cut.through_last_read() is cut  # nothing left to cut
+    slots = {name: getattr(batch, name)[:, :0] for name in ("read_pos", "target", "foil")}
+    text = dataclasses.replace(batch, **slots)  # plain text: no read positions, nothing cut
+    assert text.through_last_read() is text
 
 
 def test_batch_order_is_seeded_and_covers_every_example_once(agreement: AgreementTask) -> None:

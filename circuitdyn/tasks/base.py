@@ -62,6 +62,20 @@ class Batch:
         """The same examples without the padding columns and read slots none of them uses."""
         length = int(self.attention_mask.sum(dim=1).max())
         k = int((self.read_pos >= 0).sum(dim=1).max())
+        return self._cut(length, k)
+
+    def through_last_read(self) -> Batch:
+        """The same examples cut after the last read position any of them uses (unchanged
+        when none has one). For a causal model nothing read at a read position (the logits
+        there, a metric such as `logit_diff`, the gradients reaching earlier positions)
+        depends on the tokens cut; an example's real tokens after its reads go with them."""
+        last = int(self.read_pos.max()) if self.read_pos.numel() else -1
+        if last < 0 or last + 1 >= self.clean.shape[1]:
+            return self
+        return self._cut(last + 1, self.read_pos.shape[1])
+
+    def _cut(self, length: int, k: int) -> Batch:
+        """The first `length` token columns and `k` read slots."""
 
         def cut(tensor: Tensor | None, width: int) -> Tensor | None:
             return None if tensor is None else tensor[:, :width]
