@@ -13,26 +13,25 @@
 Run: ``python benchmarks/formation.py [--steps 600] [--repeats 2]`` (one torch thread, as the
 shipped model was trained; ``--threads`` changes it).
 
-Results (``--steps 600 --repeats 2``, 2 CPU cores shared with other jobs; wall times drift by
-10-20% between runs, so the ratios carry a few hundredths of noise):
+Results (``--steps 600 --repeats 2``, 2 CPU cores; wall times drift by 10-20% between runs on
+this shared machine, so the ratios carry several hundredths of noise):
 
-* before the recorder's shortcuts (the original record pass): K = 10 1.15x, K = 1 2.03x and
-  2.12x in two runs;
-* with them: K = 10 1.15x, K = 1 2.03x (no recording 26.1 s, K = 10 30.1 s, K = 1 53.1 s,
-  K = 1 with 16 probe examples 41.5 s; a busy machine: the run without recording takes about
-  22 s when the machine is quiet); 20 checkpoints tracked in 8.0 s (command) and 2.1 s (in
-  process). A later run on an otherwise idle machine: K = 10 1.09x, K = 1 2.07x (no recording
-  26.1 s, K = 10 28.4 s, K = 1 54.1 s, 16 probe examples 40.5 s, 1.55x); tracking 8.1 s / 2.2 s.
+* now, with records that run the probe only through its last read position (11 of its 27 token
+  columns), two runs on an otherwise idle machine: K = 10 1.19x and 1.05x, K = 1 1.80x and
+  1.60x, K = 1 with 16 probe examples 1.61x and 1.35x (no recording 23.1 s / 24.6 s, K = 10
+  27.4 s / 25.8 s, K = 1 41.5 s / 39.3 s); 20 checkpoints tracked in 8.2 s / 6.4 s (command)
+  and 1.9 s / 1.6 s (in process);
+* before the cut, with the recorder's other shortcuts: K = 10 1.09x-1.15x, K = 1 2.03x and
+  2.07x (no recording 26.1 s, K = 1 54.1 s), 16 probe examples 1.55x; tracking 8.1 s / 2.2 s;
+* the original record pass: K = 10 1.15x, K = 1 2.03x and 2.12x.
 
-Per record, measured interleaved in one process on the same training run (old and new
-recorder alternating, 60-150 steps): 37.5 ms instead of 40.7 ms (median) on a quiet machine,
-38.3 ms instead of 44.4 ms without training steps in between, 49.8 ms instead of 52.3 ms under
-load, against 31-41 ms for a training step; the stores were bit-identical. Where a record's
-time goes (default model, 32 probe examples, quiet machine): the corrupted forward pass with
-the source hooks 8.3 ms, the clean forward pass with the attribution hooks 10.5 ms, the
-backward pass with the gradient hooks 13.9 ms, the circuit's patched run 15 ms every tenth
-record, the snapshot and evaluation written and fsynced 1.5 ms (several ms on a busy disk), the
-rest (mode and RNG bookkeeping, metrics, selection) about 1.5 ms.
+Per record (quiet machine, default model, 32 probe examples, medians over 60-80 records
+interleaved with training steps): 24 ms with the cut, 42 ms without, against 35-37 ms for a
+training step. Where a cut record's time goes: the corrupted forward pass with the source
+hooks 5 ms, the clean forward and the backward pass with the attribution hooks 14 ms, the
+circuit's patched run every tenth record, the snapshot and evaluation written and fsynced
+1.5 ms (several ms on a busy disk), the rest (mode and RNG bookkeeping, metrics, selection)
+about 1.5 ms.
 """
 
 from __future__ import annotations
