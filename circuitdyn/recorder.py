@@ -496,15 +496,15 @@ def _cut_is_exact(model: HookedTransformer, batch: Batch, metric: Metric) -> boo
     the same nonzero terms (the gradient after the last read position is exactly zero)."""
     if model.cfg.attention_dir != "causal":
         return False
+    batch = batch.to(next(model.parameters()).device)
     cut = batch.through_last_read()
     if cut is batch:
         return False
-    device = next(model.parameters()).device
     with preserved_state(model), torch.no_grad():
         model.eval()
-        whole = metric(model(batch.clean.to(device)), batch.to(device)).double()
+        whole = metric(model(batch.clean), batch).double()
         try:
-            part = metric(model(cut.clean.to(device)), cut.to(device)).double()
+            part = metric(model(cut.clean), cut).double()
         except (IndexError, RuntimeError, ValueError):  # it reads past the cut
             return False
     tolerance = max(1e-4, 8 * torch.finfo(model.cfg.dtype).eps) * (1 + float(whole.abs().max()))

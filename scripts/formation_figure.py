@@ -31,16 +31,21 @@ def main() -> None:
     args = parser.parse_args()
 
     store = RunStore.open(args.run)
+    config = store.config
     tables = A.formation_tables(store)
     summary = A.formation_summary(tables, near=args.near)
     print(json.dumps(summary, indent=1, default=str))
     emergence = tables.emergence
     print(A.changes_near(emergence, tables.transition.step, args.near).to_string())
-    curve = A.phase_transition(tables.curve, method="changepoint")
-    steepest_metric = A.phase_transition(tables.curve, "dev_metric")
-    print(f"change-point step {curve.step}; steepest rise of dev_metric {steepest_metric.step}")
+    changepoint = A.phase_transition(tables.curve, method="changepoint")
+    metric_rise = A.phase_transition(tables.curve, "dev_metric")
+    print(f"change-point step {changepoint.step}; steepest rise of dev_metric {metric_rise.step}")
     evals = tables.curve.set_index("step")
-    print(evals.loc[[600, store.steps[-1]], ["dev_accuracy", "dev_metric", "faithfulness"]])
+    below = evals.index[evals["dev_accuracy"] < 1.0]  # accuracy is 1.0 after the last of these
+    perfect = int(evals.index[evals.index > below.max()].min()) if len(below) else store.steps[0]
+    print(f"accuracy 1.0 from step {perfect} on")
+    rows = [perfect, tables.onset, store.steps[-1]]
+    print(evals.loc[rows, ["dev_accuracy", "dev_metric", "faithfulness"]])
     roles = A.head_roles(store, [args.roles_at - 1])  # the checkpoint after `roles_at` updates
     print(roles[["updates", "node", "attention_ratio", "dla"]].to_string())
 
@@ -57,7 +62,8 @@ def main() -> None:
         onset=tables.onset,
         title=(
             f"Circuit formation while pretraining the default model (steps 0\u2013{args.until} "
-            f"of {store.steps[-1]:,}; top-40 edges, snapshot every 25 steps)"
+            f"of {store.steps[-1]:,}; top-{config.top_n} edges, snapshot every "
+            f"{config.record_every} steps)"
         ),
     )
     for path in save_figure(fig, args.out / "circuit_formation", plotlyjs="directory"):
